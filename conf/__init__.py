@@ -1,0 +1,1 @@
+"""Hydra configuration package (kept importable so tests and console scripts can compose configs)."""

@@ -1,0 +1,34 @@
+"""The two networks of the method and their shared weights policy.
+
+* :func:`build_lung_unet` -- VGG16-encoder U-Net for 2D lung segmentation (METHOD.md section 2).
+* :func:`build_slice_classifier` -- ResNet-50 slice classifier (section 3); :data:`GRADCAM_LAYERS`
+  names the layers the fine Grad-CAM uses (section 4).
+* Both take the windowed [0, 1] three-channel image: the ImageNet preprocessing is a layer inside
+  each model. Pretrained-weights sources and the offline fallback: :mod:`.weights`.
+* :func:`load_model` loads a saved ``.keras`` model in safe mode; :func:`count_flops` counts FLOPs.
+"""
+
+from radlogics_repro.models.classifier import GRADCAM_LAYERS, build_slice_classifier
+from radlogics_repro.models.flops import count_flops
+from radlogics_repro.models.unet import build_lung_unet
+from radlogics_repro.models.weights import (
+    CUSTOM_OBJECTS,
+    ImageNetCaffePreprocess,
+    ModelLoadError,
+    PretrainedWeightsError,
+    init_record,
+    load_model,
+)
+
+__all__ = [
+    "CUSTOM_OBJECTS",
+    "GRADCAM_LAYERS",
+    "ImageNetCaffePreprocess",
+    "ModelLoadError",
+    "PretrainedWeightsError",
+    "build_lung_unet",
+    "build_slice_classifier",
+    "count_flops",
+    "init_record",
+    "load_model",
+]
