@@ -1,0 +1,153 @@
+"""Training-time augmentation, as TensorFlow ops for ``tf.data.Dataset.map``.
+
+Every function takes one example (no batch axis): an image ``(H, W, C)`` float32 in [0, 1] and, for
+segmentation, its mask ``(H, W, 1)``. Geometric transforms move image and mask together, the mask
+with nearest-neighbour sampling so labels stay labels. Randomness comes from stateless ops driven by
+a per-example ``seed`` (shape (2,) int), so a pipeline with a fixed seed is repeatable.
+
+Paper settings (METHOD.md):
+* lung U-Net: random crop, horizontal flip, Gaussian noise inside the lung only
+  (``noise_scale * N(mean, std)`` with scale 0.1, mean 0, std 0.8 on the [0, 1] image);
+* classifier: rotation, horizontal flip, random crop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+
+def _seeds(seed, n: int) -> list[tf.Tensor]:
+    """``n`` independent stateless seeds derived from one."""
+    return list(tf.unstack(tf.random.experimental.stateless_split(seed, num=n)))
+
+
+def random_crop(image, mask=None, *, seed, min_scale: float = 0.8):
+    """Crop a random square-ish window covering ``min_scale..1`` of each side and resize it back.
+
+    Args:
+        image: ``(H, W, C)`` float32.
+        mask: optional ``(H, W, 1)``; cropped identically and resized with nearest neighbour.
+        seed: ``(2,)`` int32 stateless seed.
+        min_scale: smallest crop side as a fraction of the image side.
+
+    Returns:
+        ``image`` (and ``mask``) with the input shapes.
+    """
+    s_scale, s_y, s_x = _seeds(seed, 3)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    scale = tf.random.stateless_uniform((), s_scale, min_scale, 1.0)
+    crop_h = tf.cast(tf.round(scale * tf.cast(height, tf.float32)), tf.int32)
+    crop_w = tf.cast(tf.round(scale * tf.cast(width, tf.float32)), tf.int32)
+    y0 = tf.random.stateless_uniform((), s_y, 0, height - crop_h + 1, dtype=tf.int32)
+    x0 = tf.random.stateless_uniform((), s_x, 0, width - crop_w + 1, dtype=tf.int32)
+    out_image = tf.image.resize(image[y0 : y0 + crop_h, x0 : x0 + crop_w], (height, width))
+    out_image = tf.ensure_shape(out_image, image.shape)
+    if mask is None:
+        return out_image
+    out_mask = tf.image.resize(
+        mask[y0 : y0 + crop_h, x0 : x0 + crop_w], (height, width), method="nearest"
+    )
+    return out_image, tf.ensure_shape(tf.cast(out_mask, mask.dtype), mask.shape)
+
+
+def random_flip(image, mask=None, *, seed):
+    """Mirror left-right with probability 0.5 (image and mask together)."""
+    flip = tf.random.stateless_uniform((), seed) < 0.5
+    out_image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    if mask is None:
+        return out_image
+    out_mask = tf.cond(flip, lambda: tf.reverse(mask, axis=[1]), lambda: mask)
+    return out_image, out_mask
+
+
+def random_rotation(image, mask=None, *, seed, max_degrees: float = 15.0):
+    """Rotate about the image centre by a uniform angle in ``[-max_degrees, max_degrees]``.
+
+    Bilinear for the image, nearest for the mask; pixels brought in from outside are 0 (air after
+    windowing).
+    """
+    angle = tf.random.stateless_uniform(
+        (), seed, -max_degrees * math.pi / 180.0, max_degrees * math.pi / 180.0
+    )
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
+    # Output pixel (x, y) reads input (a0 x + a1 y + a2, b0 x + b1 y + b2): rotation about the centre.
+    transform = tf.stack(
+        [cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, 0.0, 0.0]
+    )[tf.newaxis]
+
+    def apply(x, interpolation):
+        out = tf.raw_ops.ImageProjectiveTransformV3(
+            images=tf.cast(x, tf.float32)[tf.newaxis],
+            transforms=transform,
+            output_shape=shape[:2],
+            fill_value=0.0,
+            interpolation=interpolation,
+            fill_mode="CONSTANT",
+        )[0]
+        return tf.ensure_shape(tf.cast(out, x.dtype), x.shape)
+
+    out_image = apply(image, "BILINEAR")
+    if mask is None:
+        return out_image
+    return out_image, apply(mask, "NEAREST")
+
+
+def lung_noise(image, lung_mask, *, seed, scale: float = 0.1, mean: float = 0.0,
+               std: float = 0.8):
+    """Add ``scale * N(mean, std)`` noise to the pixels inside the lung only, then clip to [0, 1].
+
+    The paper's trick to keep the lung U-Net robust to dense, infected lungs.
+
+    Args:
+        image: ``(H, W, C)`` float32 in [0, 1]; the same noise goes into every channel.
+        lung_mask: ``(H, W, 1)``, nonzero = lung.
+    """
+    noise = scale * tf.random.stateless_normal(tf.shape(image)[:2], seed, mean=mean, stddev=std)
+    inside = tf.cast(lung_mask[..., 0] > 0, tf.float32)
+    return tf.clip_by_value(image + (noise * inside)[..., tf.newaxis], 0.0, 1.0)
+
+
+def segmentation_augmenter(*, crop: bool, flip: bool, noise: bool, crop_min_scale: float = 0.8,
+                           noise_scale: float = 0.1, noise_mean: float = 0.0,
+                           noise_std: float = 0.8):
+    """An ``(image, mask, seed) -> (image, mask)`` function for the lung U-Net pipeline.
+
+    Noise is added after the geometric transforms, with the transformed mask, so it lands inside
+    the lung of the returned mask.
+    """
+
+    def augment(image, mask, seed):
+        s_crop, s_flip, s_noise = _seeds(seed, 3)
+        if crop:
+            image, mask = random_crop(image, mask, seed=s_crop, min_scale=crop_min_scale)
+        if flip:
+            image, mask = random_flip(image, mask, seed=s_flip)
+        if noise:
+            image = lung_noise(image, mask, seed=s_noise, scale=noise_scale, mean=noise_mean,
+                               std=noise_std)
+        return image, mask
+
+    return augment
+
+
+def classification_augmenter(*, rotate: bool, flip: bool, crop: bool, max_degrees: float = 15.0,
+                             crop_min_scale: float = 0.85):
+    """An ``(image, seed) -> image`` function for the slice classifier pipeline."""
+
+    def augment(image, seed):
+        s_rot, s_flip, s_crop = _seeds(seed, 3)
+        if rotate:
+            image = random_rotation(image, seed=s_rot, max_degrees=max_degrees)
+        if flip:
+            image = random_flip(image, seed=s_flip)
+        if crop:
+            image = random_crop(image, seed=s_crop, min_scale=crop_min_scale)
+        return image
+
+    return augment
