@@ -1,0 +1,76 @@
+"""Lung segmentation inference: post-processing, side labels, volumes, and the study-level path."""
+
+import keras
+import numpy as np
+import pytest
+
+from radlogics_repro import io, lung_segmentation as ls
+
+
+def _two_lungs(shape=(6, 40, 40)):
+    mask = np.zeros(shape, bool)
+    mask[1:5, 10:30, 4:16] = True    # patient's right (low x)
+    mask[1:5, 10:30, 24:36] = True   # patient's left
+    return mask
+
+
+def test_keep_lung_components_drops_small_debris():
+    mask = _two_lungs()
+    mask[0, 0, 0] = True                 # a speck
+    kept = ls.keep_lung_components(mask)
+    assert not kept[0, 0, 0]
+    assert kept.sum() == _two_lungs().sum()
+    # a second component below 5 % of the largest is not a lung
+    one = np.zeros((4, 30, 30), bool)
+    one[:, :20, :20] = True
+    one[1, 25:27, 25:27] = True
+    assert ls.keep_lung_components(one).sum() == 4 * 400
+    assert not ls.keep_lung_components(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_fill_holes_per_slice():
+    mask = _two_lungs()
+    mask[2, 15:18, 8:11] = False  # a vessel hole
+    filled = ls.fill_holes_per_slice(mask)
+    assert filled[2, 15:18, 8:11].all()
+
+
+def test_right_left_labels_from_components_and_from_one_blob():
+    labels = ls.label_right_left(_two_lungs())
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert (labels[:, :, :20] != 2).all() and (labels[:, :, 20:] != 1).all()
+    joined = _two_lungs()
+    joined[1:5, 15:20, 16:24] = True  # lungs touching: one component, split per slice
+    labels = ls.label_right_left(joined)
+    assert (labels[:, :, 4:16][joined[:, :, 4:16]] == ls.RIGHT_LUNG).all()
+    assert (labels[:, :, 24:36][joined[:, :, 24:36]] == ls.LEFT_LUNG).all()
+
+
+def test_lung_volumes_hand_computed():
+    labels = np.zeros((2, 10, 10), np.uint8)
+    labels[:, :5, :5] = 1   # 50 voxels
+    labels[:, :2, 5:] = 2   # 20 voxels
+    volumes = ls.lung_volumes_ml(labels, (2.0, 0.5, 0.5))  # 0.5 mm^3 per voxel
+    assert volumes == {"total": pytest.approx(0.035), "right": pytest.approx(0.025),
+                       "left": pytest.approx(0.01)}
+
+
+class _ThresholdModel(keras.Model):
+    """A stand-in U-Net: "lung" where the [0, 1] input is below 0.55 (HU < -450, half-way between
+    the test's lung and tissue values, so edges neither grow nor shrink)."""
+
+    def call(self, x, training=False):
+        return keras.ops.cast(x[..., :1] < 0.55, "float32")
+
+
+def test_segment_lungs_returns_the_study_grid():
+    hu = np.full((6, 40, 40), 40.0, np.float32)
+    hu[_two_lungs()] = -850.0
+    study = io.study_from_array(hu, (2.0, 0.8, 0.8))
+    model = _ThresholdModel()
+    model.build((None, 32, 32, 3))
+    mask = ls.segment_lungs(study, model, batch_size=4, label_sides=True, input_size=32)
+    assert mask.shape == hu.shape and mask.dtype == np.uint8
+    truth = ls.label_right_left(_two_lungs())
+    agreement = (mask == truth).mean()
+    assert agreement > 0.98
