@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from radlogics_repro import io, lung_segmentation as ls
+from radlogics_repro import io
+from radlogics_repro import lung_segmentation as ls
 
 
 def _two_lungs(shape=(6, 40, 40)):
