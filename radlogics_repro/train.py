@@ -1,0 +1,510 @@
+"""Training entry point for both networks (Hydra).
+
+    python -m radlogics_repro.train +experiment=lung_unet
+    python -m radlogics_repro.train +experiment=classifier
+    python -m radlogics_repro.train +experiment=classifier trainer=smoke      # seconds, for checks
+
+Every run writes into its own folder (``run_dir``, default ``runs/<task>/<timestamp>``):
+``model.keras`` (best validation epoch), ``model.json`` (what inference needs: input size, window,
+operating threshold, init), ``history.csv``, ``config.yaml`` (resolved), ``metrics.json`` (val and
+test metrics, init, data provenance, environment), ``predictions.png``, ``tensorboard/`` and, while
+the run is going, ``resume/`` (the last epoch's full model and optimiser state). A run that was killed
+resumes when started again with the same ``run_dir=...``: it continues from the last finished epoch
+with the same batches it would have seen (the input stream is a function of seed and epoch).
+
+The sections below follow the order of a run: run folder -> input pipeline -> model -> callbacks ->
+fit -> evaluation -> outputs. Only :func:`main` and :func:`train` see the Hydra config; the functions
+they call take plain arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import hydra
+import keras
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from radlogics_repro import RESEARCH_USE_NOTICE, augment, data, losses, models, provenance
+from radlogics_repro.cli import UserError, exit_on_user_error
+from radlogics_repro.evaluate import metrics as M
+
+log = logging.getLogger(__name__)
+
+MODEL_CARD_VERSION = 1
+
+
+class TrainingError(UserError):
+    """A training run that cannot start or continue (finished run in the folder, NaN loss, ...)."""
+
+
+# =============================================================================================
+# Run folder and resume state
+# =============================================================================================
+
+
+def check_run_dir(run_dir: Path, config_yaml: str, overwrite: bool) -> dict | None:
+    """Decide what to do with ``run_dir``: start fresh, resume, or refuse.
+
+    Returns:
+        The resume state (``{"epoch": n, ...}``) when an interrupted run of the same config is
+        there, else None.
+
+    Raises:
+        TrainingError: the folder holds a finished run (and not ``overwrite``), or an interrupted
+            run of a different configuration.
+    """
+    if (run_dir / "metrics.json").exists():
+        if not overwrite:
+            raise TrainingError(
+                f"{run_dir}: holds a finished run; start a new one (omit run_dir) or pass overwrite=true"
+            )
+        log.warning("overwrite=true: replacing the finished run in %s", run_dir)
+        for name in ("metrics.json", "model.keras", "model.json", "history.csv", "resume"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        return None
+    state_file = run_dir / "resume" / "state.json"
+    if not state_file.exists():
+        return None
+    state = json.loads(state_file.read_text())
+    if state.get("config") != config_yaml:
+        raise TrainingError(
+            f"{run_dir}: holds an interrupted run of a different configuration; "
+            "resume it with its own settings or start a new run"
+        )
+    log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    return state
+
+
+class ResumeCheckpoint(keras.callbacks.Callback):
+    """Saves the full model (weights + optimiser) and the trainer state after every epoch, atomically,
+    so a killed run resumes from its last finished epoch. Removed when the run finishes."""
+
+    def __init__(self, run_dir: Path, config_yaml: str, init: str, stateful_callbacks: dict):
+        super().__init__()
+        self.folder = run_dir / "resume"
+        self.config_yaml = config_yaml
+        self.init = init
+        self.stateful = stateful_callbacks
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save_model(self.model, self.folder / "last.keras")
+        state = {"epoch": epoch + 1, "config": self.config_yaml, "init": self.init,
+                 "callbacks": {name: _callback_state(cb) for name, cb in self.stateful.items()}}
+        _atomic_write_text(self.folder / "state.json", json.dumps(state, indent=1))
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first batch whose loss is NaN or infinite, and remembers it."""
+
+    stopped_on_nan = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.stopped_on_nan = True
+            self.model.stop_training = True
+
+
+def _callback_state(callback) -> dict:
+    keys = ("best", "wait", "best_epoch")
+    return {k: float(getattr(callback, k)) for k in keys if getattr(callback, k, None) is not None}
+
+
+def _restore_callback_state(callback, state: dict) -> None:
+    for key, value in state.items():
+        setattr(callback, key, int(value) if key in ("wait", "best_epoch") else value)
+
+
+def _atomic_save_model(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        tmp.write(text)
+    os.replace(tmp.name, path)
+
+
+# =============================================================================================
+# Input pipeline
+# =============================================================================================
+
+
+def ensure_synthetic_dataset(manifest: Path, generator: dict) -> None:
+    """Generate the synthetic phantom dataset into ``manifest``'s folder when it is missing."""
+    if manifest.exists():
+        return
+    from radlogics_repro import synth
+
+    log.info("no dataset at %s: generating the synthetic phantoms (%s)", manifest.parent, generator)
+    synth.generate_dataset(manifest.parent, **generator)
+
+
+def load_task_slices(task: str, data_cfg: dict, split: str, *, max_cases: int | None,
+                     cache: bool, lung_segmenter=None) -> data.SliceSet:
+    """The slices of one split for ``task`` ('lung_unet' or 'classifier'), from plain settings."""
+    if data_cfg["kind"] == "image_folder":
+        if task != "classifier":
+            raise TrainingError(f"{data_cfg['split_csv']}: an image-folder dataset has no lung masks; "
+                                "it can train the classifier only")
+        wanted = data_cfg.get("eval_split", "val") if split == "test" else split
+        return data.load_image_folder_slices(data_cfg["split_csv"], wanted,
+                                             size=data_cfg["input_size"],
+                                             positive_label=data_cfg["positive_label"])
+    manifest_path = Path(data_cfg["manifest"])
+    required = ("image", "lung_mask") if task == "lung_unet" else ("image", "lesion_mask")
+    manifest = data.read_manifest(manifest_path, required=required)
+    if task == "lung_unet":
+        params = {"size": data_cfg["input_size"], "step_mm": data_cfg["slice_step_mm"],
+                  "empty_fraction": data_cfg["empty_fraction"], "max_cases": max_cases}
+
+        def build():
+            return data.load_segmentation_slices(manifest, split, **params)
+        key_extra = {}
+    else:
+        params = {"size": data_cfg["input_size"], "step_mm": data_cfg["slice_step_mm"],
+                  "input_mode": data_cfg["input_mode"], "margin_mm": data_cfg["crop_margin_mm"],
+                  "min_lesion_area_mm2": data_cfg["min_lesion_area_mm2"],
+                  "min_lung_area_mm2": data_cfg["min_lung_area_mm2"], "max_cases": max_cases}
+
+        def build():
+            return data.load_classification_slices(manifest, split, lung_segmenter=lung_segmenter,
+                                                   **params)
+        key_extra = {"lung_masks": str(data_cfg.get("lung_masks", "ground_truth"))}
+    key = {"task": task, "split": split, **params, **key_extra,
+           **data.manifest_fingerprint(manifest_path)}
+    cache_dir = manifest_path.parent / ".cache" if cache else None
+    return data.cached_slices(cache_dir, key, build)
+
+
+def make_augmenter(task: str, aug: dict):
+    """The augmentation function for ``task`` from the ``augment`` settings (None: no augmentation)."""
+    if not aug:
+        return None
+    if task == "lung_unet":
+        return augment.segmentation_augmenter(
+            crop=aug["crop"], flip=aug["flip"], noise=aug["lung_noise"],
+            crop_min_scale=aug["crop_min_scale"], noise_scale=aug["noise_scale"],
+            noise_mean=aug["noise_mean"], noise_std=aug["noise_std"])
+    return augment.classification_augmenter(
+        rotate=aug["rotate"], flip=aug["flip"], crop=aug["crop"], max_degrees=aug["max_degrees"],
+        crop_min_scale=aug["crop_min_scale"])
+
+
+# =============================================================================================
+# Model
+# =============================================================================================
+
+
+def build_model(task: str, model_cfg: dict, input_size: int) -> tuple[keras.Model, str]:
+    """Build the task's network; returns (model, init record)."""
+    shape = (input_size, input_size, 3)
+    if task == "lung_unet":
+        model = models.build_lung_unet(
+            input_shape=shape, encoder_weights=model_cfg["weights"],
+            decoder_filters=tuple(model_cfg["decoder_filters"]),
+            require_pretrained=model_cfg["require_pretrained"])
+    else:
+        model = models.build_slice_classifier(
+            input_shape=shape, weights=model_cfg["weights"],
+            dense_units=tuple(model_cfg["dense_units"]), dropout=model_cfg["dropout"],
+            require_pretrained=model_cfg["require_pretrained"])
+    return model, models.init_record(model)
+
+
+def compile_model(model: keras.Model, task: str, learning_rate: float, weight_decay: float) -> None:
+    optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+    if task == "lung_unet":
+        model.compile(optimizer=optimizer, loss=losses.dice_bce_loss, metrics=[losses.DiceScore()])
+    else:
+        model.compile(optimizer=optimizer, loss="binary_crossentropy",
+                      metrics=[keras.metrics.AUC(name="auc"), "accuracy"],
+                      weighted_metrics=[])
+
+
+def monitored_metric(task: str) -> str:
+    return "val_dice" if task == "lung_unet" else "val_auc"
+
+
+# =============================================================================================
+# Evaluation
+# =============================================================================================
+
+
+def predict(model: keras.Model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Model outputs for float16 ``(N, S, S)`` images in [0, 1], batched; returns float32."""
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].astype(np.float32)
+        batch = np.repeat(batch[..., np.newaxis], 3, axis=-1)
+        outputs.append(np.asarray(model(batch, training=False), np.float32))
+    return np.concatenate(outputs) if outputs else np.zeros((0,), np.float32)
+
+
+def evaluate_segmentation(model, slices: data.SliceSet, batch_size: int) -> dict:
+    """Mean per-slice Dice and IoU on 224 masks, and the pooled Dice over all pixels."""
+    probs = predict(model, slices.images, batch_size)[..., 0]
+    pred = probs >= 0.5
+    truth = slices.masks.astype(bool)
+    return {
+        "dice_mean": float(np.mean([M.dice(p, t) for p, t in zip(pred, truth, strict=True)])),
+        "iou_mean": float(np.mean([M.iou(p, t) for p, t in zip(pred, truth, strict=True)])),
+        "dice_pooled": M.dice(pred, truth),
+        "n_slices": len(slices),
+    }
+
+
+def evaluate_classifier(model, slices: data.SliceSet, batch_size: int,
+                        threshold: float) -> tuple[dict, np.ndarray]:
+    """Slice AUC and sensitivity/specificity at 0.5 and at ``threshold``; returns (metrics, scores)."""
+    scores = predict(model, slices.images, batch_size)[:, 0]
+    out = {"at_0.5": M.classification_summary(slices.labels, scores, 0.5),
+           "at_operating_point": M.classification_summary(slices.labels, scores, threshold),
+           "auc": M.auc(slices.labels, scores), "n_slices": len(slices),
+           "n_abnormal": int(slices.labels.sum())}
+    return out, scores
+
+
+def case_ratios(slices: data.SliceSet, scores: np.ndarray, slice_threshold: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per case: the share of its (sampled) lung slices called positive, and the case label (any
+    abnormal slice). Returns (ratios, labels), one entry per case in sorted case order."""
+    frame = pd.DataFrame({"case": slices.case_ids, "positive": scores >= slice_threshold,
+                          "abnormal": slices.labels > 0})
+    per_case = frame.groupby("case").agg(ratio=("positive", "mean"), label=("abnormal", "max"))
+    return per_case["ratio"].to_numpy(float), per_case["label"].to_numpy(int)
+
+
+def tune_case_threshold(slices: data.SliceSet, scores: np.ndarray, slice_threshold: float
+                        ) -> tuple[float, dict]:
+    """The case threshold on positive-slice ratios chosen on validation cases: Youden's J, moved
+    half-way down to the next lower ratio so it does not sit on a validation case. Falls back to
+    0.1 when the validation cases are all of one class."""
+    ratios, labels = case_ratios(slices, scores, slice_threshold)
+    if np.unique(labels).size < 2:
+        threshold = 0.1
+    else:
+        threshold = M.youden_threshold(labels, ratios)
+        below = ratios[ratios < threshold]
+        if below.size:
+            threshold = (threshold + below.max()) / 2.0
+    return threshold, M.classification_summary(labels, ratios, threshold)
+
+
+def case_level_summary(slices: data.SliceSet, scores: np.ndarray, slice_threshold: float,
+                       case_threshold: float) -> dict:
+    ratios, labels = case_ratios(slices, scores, slice_threshold)
+    return M.classification_summary(labels, ratios, case_threshold)
+
+
+# =============================================================================================
+# The run
+# =============================================================================================
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training experiment from its composed config; returns metrics.json's content."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml({k: v for k, v in plain.items() if k not in ("run_dir", "overwrite")})
+    resume = check_run_dir(run_dir, config_yaml, cfg.overwrite)
+    task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
+    if task not in ("lung_unet", "classifier"):
+        raise TrainingError(f"task={task!r}: use +experiment=lung_unet or +experiment=classifier")
+    keras.utils.set_random_seed(cfg.seed)
+    if trainer["deterministic"]:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
+    keras.mixed_precision.set_global_policy(trainer["precision"])
+    _atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(plain))
+    log.info("%s | run folder %s", RESEARCH_USE_NOTICE, run_dir)
+    log.info("to resume this run if it stops: python -m radlogics_repro.train %s run_dir=%s",
+             f"+experiment={task}", run_dir)
+
+    # ---- input pipeline -----------------------------------------------------------------------
+    if data_cfg["kind"] == "volumes" and data_cfg.get("generate_if_missing"):
+        ensure_synthetic_dataset(Path(data_cfg["manifest"]), data_cfg["generator"])
+    lung_segmenter = _lung_segmenter(data_cfg) if task == "classifier" else None
+    load = lambda split: load_task_slices(  # noqa: E731
+        task, data_cfg, split, max_cases=trainer["max_cases_per_split"],
+        cache=trainer["cache_slices"], lung_segmenter=lung_segmenter)
+    train_slices, val_slices = load("train"), load("val")
+    log.info("slices: train %d, val %d", len(train_slices), len(val_slices))
+    first_epoch = resume["epoch"] if resume else 0
+    epochs, batch = trainer["epochs"], trainer["batch_size"]
+    class_weights = None
+    if task == "classifier":
+        class_weights = data.balanced_class_weights(train_slices.labels)
+        log.info("abnormal slices: train %d/%d, val %d/%d; class weights %s",
+                 train_slices.labels.sum(), len(train_slices), val_slices.labels.sum(),
+                 len(val_slices), class_weights)
+        make_ds = data.classification_dataset
+        extra = {"class_weights": class_weights}
+    else:
+        make_ds, extra = data.segmentation_dataset, {}
+    train_ds = make_ds(train_slices, batch_size=batch, training=True, seed=cfg.seed,
+                       augment=make_augmenter(task, plain.get("augment") or {}),
+                       first_epoch=first_epoch, epochs=epochs, **extra)
+    val_ds = make_ds(val_slices, batch_size=trainer["eval_batch_size"], training=False)
+
+    # ---- model --------------------------------------------------------------------------------
+    if resume:
+        model = models.load_model(run_dir / "resume" / "last.keras", compile=True)
+        init = resume["init"]
+    else:
+        model, init = build_model(task, plain["model"], data_cfg["input_size"])
+        compile_model(model, task, trainer["learning_rate"], trainer["weight_decay"])
+    log.info("model %s, %.1f M parameters, init: %s", model.name, model.count_params() / 1e6, init)
+
+    # ---- callbacks ----------------------------------------------------------------------------
+    monitor = monitored_metric(task)
+    best_weights = run_dir / "resume" / "best.weights.h5"
+    best_weights.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = keras.callbacks.ModelCheckpoint(best_weights, monitor=monitor, mode="max",
+                                                 save_best_only=True, save_weights_only=True)
+    stopping = keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
+                                             patience=trainer["early_stopping_patience"])
+    stateful = {"checkpoint": checkpoint, "early_stopping": stopping}
+    if resume:
+        for name, callback in stateful.items():
+            _restore_callback_state(callback, resume["callbacks"].get(name, {}))
+    resume_cb = ResumeCheckpoint(run_dir, config_yaml, init, stateful)
+    nan_guard = StopOnNaN()
+    callbacks = [
+        nan_guard, checkpoint, stopping,
+        keras.callbacks.CSVLogger(run_dir / "history.csv", append=resume is not None),
+        keras.callbacks.TensorBoard(run_dir / "tensorboard", write_graph=False, profile_batch=0),
+        resume_cb,
+    ]
+
+    # ---- fit ----------------------------------------------------------------------------------
+    if first_epoch < epochs:
+        history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=first_epoch,
+                            steps_per_epoch=data.steps_per_epoch(len(train_slices), batch),
+                            callbacks=callbacks, verbose=2, shuffle=False)
+        if nan_guard.stopped_on_nan or _loss_is_nan(history):
+            raise TrainingError(f"{run_dir}: the loss became NaN; lower trainer.learning_rate or check "
+                                "the data (the last good epoch is kept in resume/)")
+    if best_weights.exists():
+        model.load_weights(best_weights)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    test_slices = _load_test(load)
+    eval_batch = trainer["eval_batch_size"]
+    case_threshold = None
+    if task == "lung_unet":
+        results = {"val": evaluate_segmentation(model, val_slices, eval_batch)}
+        if test_slices is not None:
+            results["test"] = evaluate_segmentation(model, test_slices, eval_batch)
+        threshold = 0.5
+    else:
+        val_scores = predict(model, val_slices.images, eval_batch)[:, 0]
+        threshold = (M.youden_threshold(val_slices.labels, val_scores)
+                     if np.unique(val_slices.labels).size == 2 else 0.5)
+        results = {"val": evaluate_classifier(model, val_slices, eval_batch, threshold)[0]}
+        if data_cfg["kind"] == "volumes":
+            case_threshold, results["val"]["cases"] = tune_case_threshold(val_slices, val_scores,
+                                                                          threshold)
+        if test_slices is not None:
+            results["test"], test_scores = evaluate_classifier(model, test_slices, eval_batch, threshold)
+            if case_threshold is not None:
+                results["test"]["cases"] = case_level_summary(test_slices, test_scores, threshold,
+                                                              case_threshold)
+
+    # ---- outputs ------------------------------------------------------------------------------
+    card = model_card(task, data_cfg, init, threshold, plain)
+    card["case_threshold"] = case_threshold
+    _atomic_save_model(model, run_dir / "model.keras")
+    _atomic_write_text(run_dir / "model.json", json.dumps(card, indent=2))
+    from radlogics_repro.report import training_figure
+
+    training_figure(task, model, val_slices, run_dir / "predictions.png")
+    metrics_doc = {
+        "notice": RESEARCH_USE_NOTICE, "task": task, "init": init, "operating_threshold": threshold,
+        "data": _data_provenance(data_cfg), "metrics": results,
+        "slices": {"train": len(train_slices), "val": len(val_slices),
+                   "test": len(test_slices) if test_slices is not None else 0},
+        "environment": provenance.environment(),
+    }
+    _atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_doc, indent=2, default=float))
+    shutil.rmtree(run_dir / "resume", ignore_errors=True)
+    log.info("done: %s", json.dumps(results, default=float))
+    return metrics_doc
+
+
+def _loss_is_nan(history) -> bool:
+    return any(not math.isfinite(v) for v in history.history.get("loss", []))
+
+
+def _load_test(load):
+    try:
+        return load("test")
+    except data.DatasetError as err:
+        log.info("no test split evaluated (%s)", err)
+        return None
+
+
+def _lung_segmenter(data_cfg: dict):
+    """None for ground-truth lung masks, else a function study -> mask from a trained U-Net."""
+    source = data_cfg.get("lung_masks", "ground_truth")
+    if data_cfg["kind"] != "volumes" or source in (None, "ground_truth"):
+        return None
+    from radlogics_repro.lung_segmentation import load_lung_segmenter
+
+    return load_lung_segmenter(source)
+
+
+def _data_provenance(data_cfg: dict) -> dict:
+    out = {"name": data_cfg.get("name"), "kind": data_cfg["kind"]}
+    source = data_cfg.get("manifest") or data_cfg.get("split_csv")
+    out["source"] = str(source)
+    dataset_json = Path(str(source)).parent / "dataset.json"
+    if dataset_json.exists():
+        out["dataset"] = json.loads(dataset_json.read_text())
+    return out
+
+
+def model_card(task: str, data_cfg: dict, init: str, threshold: float, config: dict) -> dict:
+    """What inference needs to use the model as it was trained (stored as model.json)."""
+    return {
+        "schema_version": MODEL_CARD_VERSION,
+        "task": task,
+        "notice": RESEARCH_USE_NOTICE,
+        "input_size": data_cfg["input_size"],
+        "input_kind": "hu" if data_cfg["kind"] == "volumes" else "8bit",
+        "hu_window": [-1000.0, 0.0],
+        "input_mode": data_cfg.get("input_mode"),
+        "crop_margin_mm": data_cfg.get("crop_margin_mm"),
+        "min_lung_area_mm2": data_cfg.get("min_lung_area_mm2"),
+        "min_lesion_area_mm2": data_cfg.get("min_lesion_area_mm2"),
+        "operating_threshold": threshold,
+        "init": init,
+        "data": data_cfg.get("name"),
+        "commit": provenance.git_commit(),
+        "model": config["model"],
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    with exit_on_user_error():
+        train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Training entry point: Hydra composition, smoke runs of both experiments, resume, refusals."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_module
+
+from radlogics_repro import train
+
+
+def compose_train(overrides):
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def smoke_overrides(experiment, manifest, run_dir, extra=()):
+    model = (["model.decoder_filters=[16,8,8,8]"] if experiment == "lung_unet"
+             else ["model.dense_units=[8,4]"])
+    return [f"+experiment={experiment}", "trainer=smoke", f"data.manifest={manifest}",
+            "data.generate_if_missing=false", "data.input_size=32", "model.weights=null",
+            f"run_dir={run_dir}", *model, *extra]
+
+
+@pytest.mark.parametrize("experiment", ["lung_unet", "classifier"])
+def test_every_experiment_composes(experiment):
+    cfg = compose_train([f"+experiment={experiment}"])
+    assert cfg.task == experiment
+    assert cfg.model.kind == experiment
+    assert cfg.data.input_size == 224
+    assert cfg.model.weights == "imagenet"
+
+
+def test_classifier_smoke_run_writes_every_output(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_train(smoke_overrides("classifier", tiny_dataset, run_dir))
+    result = train.train(cfg)
+    for name in ("model.keras", "model.json", "history.csv", "config.yaml", "metrics.json",
+                 "predictions.png"):
+        assert (run_dir / name).exists(), name
+    assert not (run_dir / "resume").exists()
+    assert result["init"] == "random"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "Research use only" in metrics["notice"]
+    assert len(pd.read_csv(run_dir / "history.csv")) == 2
+    val = metrics["metrics"]["val"]
+    assert {"auc", "at_0.5", "at_operating_point"} <= set(val)
+    assert 0.0 <= metrics["operating_threshold"] <= 1.0
+    card = json.loads((run_dir / "model.json").read_text())
+    assert card["input_size"] == 32 and card["task"] == "classifier"
+    assert card["operating_threshold"] == metrics["operating_threshold"]
+    assert card["input_mode"] == "lung_crop" and card["init"] == "random"
+
+
+def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text("{}")
+    cfg = compose_train(smoke_overrides("lung_unet", tiny_dataset, run_dir))
+    with pytest.raises(train.TrainingError, match="finished run"):
+        train.train(cfg)
+
+
+def test_lung_unet_smoke_run_is_killed_and_resumes(tiny_dataset, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    overrides = smoke_overrides("lung_unet", tiny_dataset, run_dir)
+    original = train.ResumeCheckpoint.on_epoch_end
+
+    def killed_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(compose_train(overrides))
+    state = json.loads((run_dir / "resume" / "state.json").read_text())
+    assert state["epoch"] == 1 and not (run_dir / "metrics.json").exists()
+
+    monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", original)
+    result = train.train(compose_train(overrides))
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == [0, 1]
+    assert result["init"] == "random"
+    assert 0.0 <= result["metrics"]["val"]["dice_mean"] <= 1.0
+    card = json.loads((Path(run_dir) / "model.json").read_text())
+    assert card["input_size"] == 32 and card["task"] == "lung_unet" and card["init"] == "random"
+    assert not (run_dir / "resume").exists()
+
+
+def test_resume_refuses_a_different_config(tiny_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "resume").mkdir(parents=True)
+    (run_dir / "resume" / "state.json").write_text(json.dumps({"epoch": 1, "config": "other"}))
+    cfg = compose_train(smoke_overrides("lung_unet", tiny_dataset, run_dir))
+    with pytest.raises(train.TrainingError, match="different configuration"):
+        train.train(cfg)
