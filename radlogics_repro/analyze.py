@@ -1,0 +1,583 @@
+"""One CT study end to end: lungs, slice probabilities, fine maps, case decision, Corona Score.
+
+    python -m radlogics_repro.analyze input=PATH [output_dir=analysis] [lung_model=...] [classifier_model=...]
+
+``PATH`` is a DICOM folder, a DICOM file, a NIfTI file, a folder of studies (its sub-folders and NIfTI
+files) or a manifest CSV (``case_id, image`` and optionally ``patient_id, day``). Without model paths
+the newest finished training runs under ``runs/`` are used.
+
+Steps of :func:`analyze_study` (METHOD.md sections 4-6):
+
+1. lung segmentation with the U-Net (:func:`radlogics_repro.lung_segmentation.segment_lungs`, right
+   and left labelled); slices containing lung are those with >= ``min_lung_area_mm2`` of lung (the
+   classifier's own training setting, from its ``model.json``);
+2. for every lung slice, the classifier's input (square lung crop, as in training) and, in one
+   forward/backward pass, its probability and Grad-CAM fine map; a slice is positive when its
+   probability reaches the classifier's stored operating threshold (``slice_threshold`` overrides);
+3. case decision: positive slices / lung slices >= ``case_threshold`` (stored with the classifier,
+   tuned on validation cases; the config may override) -> "suspected COVID-19";
+4. fine maps of the positive slices are mapped back into the slices' own pixels; the Corona Score is
+   ``sum over positive slices and their pixels of map (0..1) x pixel area (mm^2) x slice spacing (mm)
+   / 1000`` cm^3, exactly METHOD.md section 6;
+5. infection mask: fine map >= ``map_threshold`` inside the lung -> 3D Gaussian blur of that binary
+   mask (sigma ``blur_sigma_mm`` in mm, per axis in voxels) -> >= 0.5, kept only where the tissue is
+   denser than aerated lung (HU >= ``ggo_hu[0]``); split by HU: ground-glass opacity
+   ``ggo_hu = [-750, -300)`` and consolidation ``consolidation_hu = [-300, 100]`` HU (denser voxels
+   inside the map, vessels and bone, are left out);
+6. volumes: lung (mL, right/left), infection (cm^3, GGO/consolidation), % of the lung involved.
+
+Outputs per study (written into a temporary folder, moved into place when complete): report.json
+(schema :data:`REPORT_SCHEMA_VERSION`), slices.csv, lung_mask.nii.gz, infection_map.nii.gz (fine map),
+infection_mask.nii.gz (1 GGO, 2 consolidation), overlay PNGs of the most involved slices,
+overview_3d.png and a self-contained report.html. Nothing identifies the patient: the case id is
+the manifest's (pseudonymous) id or a hash of the study UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from radlogics_repro import RESEARCH_USE_NOTICE, __version__, data, io, localize, preprocess, provenance
+from radlogics_repro.cli import UserError
+from radlogics_repro.lung_segmentation import lung_volumes_ml, segment_lungs
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "radlogics_repro.study_report"
+REPORT_SCHEMA_VERSION = 1
+TRAIN_COMMANDS = ("python -m radlogics_repro.train +experiment=lung_unet",
+                  "python -m radlogics_repro.train +experiment=classifier")
+
+
+class AnalysisError(UserError):
+    """Analysis cannot run: no trained model, an output folder that exists, a bad manifest, ..."""
+
+
+# =============================================================================================
+# Models and settings
+# =============================================================================================
+
+
+@dataclass
+class AnalysisModels:
+    """The two trained networks and their model cards (``model.json`` beside each ``.keras``)."""
+
+    lung_unet: object
+    classifier: object
+    lung_card: dict
+    classifier_card: dict
+    lung_path: str
+    classifier_path: str
+
+
+def latest_run_model(runs_dir: str | os.PathLike, task: str) -> Path:
+    """The ``model.keras`` of the newest finished run of ``task`` under ``runs_dir``."""
+    finished = sorted(Path(runs_dir).glob(f"{task}/*/metrics.json"), key=lambda p: p.parent.name)
+    if not finished:
+        raise AnalysisError(
+            f"{Path(runs_dir) / task}: no trained {task} model found; train one first with "
+            f"`{TRAIN_COMMANDS[0] if task == 'lung_unet' else TRAIN_COMMANDS[1]}` "
+            f"(or pass {'lung_model' if task == 'lung_unet' else 'classifier_model'}=PATH)"
+        )
+    return finished[-1].parent / "model.keras"
+
+
+def load_analysis_models(lung_model: str | None, classifier_model: str | None,
+                         runs_dir: str | os.PathLike = "runs") -> AnalysisModels:
+    """Load both models (newest finished runs when a path is None), in Keras safe mode."""
+    from radlogics_repro import models
+
+    lung_path = Path(lung_model) if lung_model else latest_run_model(runs_dir, "lung_unet")
+    cls_path = Path(classifier_model) if classifier_model else latest_run_model(runs_dir, "classifier")
+    return AnalysisModels(
+        lung_unet=models.load_model(lung_path), classifier=models.load_model(cls_path),
+        lung_card=_model_card(lung_path), classifier_card=_model_card(cls_path),
+        lung_path=str(lung_path), classifier_path=str(cls_path),
+    )
+
+
+def _model_card(model_path: Path) -> dict:
+    card = model_path.with_name("model.json")
+    if not card.exists():
+        log.warning("%s: no model.json beside the model; using default settings", model_path)
+        return {}
+    return json.loads(card.read_text())
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """Plain settings of :func:`analyze_study` (None: take the classifier card's value)."""
+
+    slice_threshold: float | None = None
+    case_threshold: float | None = None
+    default_case_threshold: float = 0.1
+    map_threshold: float = 0.4
+    blur_sigma_mm: float = 2.0
+    ggo_hu: tuple[float, float] = (-750.0, -300.0)
+    consolidation_hu: tuple[float, float] = (-300.0, 100.0)
+    engine: str = "fused"
+    batch_size: int = 16
+    n_overlays: int = 3
+
+
+# =============================================================================================
+# The analysis
+# =============================================================================================
+
+
+@dataclass
+class StudyReport:
+    """Everything :func:`analyze_study` finds in one study.
+
+    Arrays are in the study's canonical ``(z, y, x)`` grid: ``lung_labels`` uint8 (1 right, 2 left),
+    ``fine_map`` float32 in [0, 1] (0 outside positive slices), ``infection_labels`` uint8 (1 GGO,
+    2 consolidation). ``slices`` has one row per slice: z, lung, probability, positive, map sum.
+    """
+
+    case_id: str
+    lung_labels: np.ndarray
+    fine_map: np.ndarray
+    infection_labels: np.ndarray
+    slices: pd.DataFrame
+    summary: dict
+    timings_s: dict = field(default_factory=dict)
+
+
+def case_id_for(study: io.Study) -> str:
+    """A pseudonymous, stable id: a hash of the (already hashed) study/series UIDs or the HU data."""
+    meta = study.metadata
+    key = f"{meta.get('study_uid_hash', '')}/{meta.get('series_uid_hash', '')}"
+    if key == "/":
+        key = hashlib.sha256(np.ascontiguousarray(study.hu[:: max(1, study.hu.shape[0] // 8)])
+                             .tobytes()).hexdigest()
+    return "case-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def classify_lung_slices(study: io.Study, lung_labels: np.ndarray, models: AnalysisModels,
+                         settings: AnalysisSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """Probabilities and fine maps of the slices that contain lung.
+
+    Returns:
+        lung slice indices ``(n,)``, probabilities ``(n,)``, fine maps ``(n, S, S)`` on the crops,
+        and the n crop boxes (slice pixels).
+    """
+    card = models.classifier_card
+    size = int(models.classifier.input_shape[1])
+    min_lung = card.get("min_lung_area_mm2") or preprocess.DEFAULT_MIN_LUNG_AREA_MM2
+    has_lung = preprocess.slices_with_lung(lung_labels, study.pixel_area_mm2, min_lung)
+    z = np.flatnonzero(has_lung)
+    probabilities, fine, boxes = [], [], []
+    for start in range(0, len(z), settings.batch_size):
+        chunk = z[start:start + settings.batch_size]
+        crops, chunk_boxes = data.classifier_inputs_from_study(
+            study.hu, lung_labels, tuple(study.spacing[1:]), chunk, size=size,
+            input_mode=card.get("input_mode") or "lung_crop",
+            margin_mm=card.get("crop_margin_mm") or preprocess.DEFAULT_CROP_MARGIN_MM)
+        result = localize.gradcam_maps(models.classifier, np.repeat(crops[..., None], 3, axis=-1),
+                                       engine=settings.engine, batch_size=settings.batch_size)
+        probabilities.append(result.probabilities)
+        fine.append(result.fine.astype(np.float32))
+        boxes.extend(chunk_boxes)
+    if not len(z):
+        return z, np.zeros(0, np.float32), np.zeros((0, size, size), np.float32), []
+    return z, np.concatenate(probabilities), np.concatenate(fine), boxes
+
+
+def corona_score_cm3(fine_map: np.ndarray, positive: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """Corona Score: sum over positive slices and their pixels of map value x pixel area (mm^2) x
+    slice spacing (mm), / 1000 -> cm^3.
+
+    Args:
+        fine_map: ``(Z, H, W)`` in [0, 1], in the slices' own pixels.
+        positive: bool ``(Z,)`` slices called positive.
+        spacing_mm: (z, y, x) mm.
+    """
+    pixel_area = float(spacing_mm[1]) * float(spacing_mm[2])
+    mass = float(fine_map[np.asarray(positive, bool)].sum(dtype=np.float64))
+    return mass * pixel_area * float(spacing_mm[0]) / 1000.0
+
+
+def infection_labels_from_map(fine_map: np.ndarray, hu: np.ndarray, lung: np.ndarray,
+                              spacing_mm: Sequence[float], settings: AnalysisSettings) -> np.ndarray:
+    """Infection mask from the fine maps (see the module docstring, step 5): uint8, 1 GGO,
+    2 consolidation."""
+    seed = (fine_map >= settings.map_threshold) & lung
+    if not seed.any():
+        return np.zeros(hu.shape, np.uint8)
+    sigma = [settings.blur_sigma_mm / float(s) for s in spacing_mm]
+    smooth = ndimage.gaussian_filter(seed.astype(np.float32), sigma=sigma) >= 0.5
+    region = smooth & lung
+    labels = np.zeros(hu.shape, np.uint8)
+    ggo_lo, ggo_hi = settings.ggo_hu
+    con_lo, con_hi = settings.consolidation_hu
+    labels[region & (hu >= ggo_lo) & (hu < ggo_hi)] = 1
+    labels[region & (hu >= con_lo) & (hu <= con_hi)] = 2
+    return labels
+
+
+def decide_case(n_positive: int, n_lung: int, threshold: float) -> tuple[bool, float]:
+    """Case decision: (positive slices / lung slices >= threshold, the ratio). No lung -> (False, 0)."""
+    ratio = n_positive / n_lung if n_lung else 0.0
+    return bool(n_lung and ratio >= threshold), ratio
+
+
+def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSettings,
+                  case_id: str | None = None) -> StudyReport:
+    """Run the whole method on one study; see the module docstring."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
+    io.require_volume(study)
+    lung_size = int(models.lung_unet.input_shape[1])
+    lung_labels = segment_lungs(study, models.lung_unet, batch_size=settings.batch_size,
+                                label_sides=True, input_size=lung_size)
+    lap("lung_segmentation")
+
+    z, probabilities, crop_maps, boxes = classify_lung_slices(study, lung_labels, models, settings)
+    lap("classification_and_gradcam")
+
+    card = models.classifier_card
+    slice_threshold = _first(settings.slice_threshold, card.get("operating_threshold"), 0.5)
+    case_threshold = _first(settings.case_threshold, card.get("case_threshold"),
+                            settings.default_case_threshold)
+    positive_lung = probabilities >= slice_threshold
+    height, width = study.hu.shape[1:]
+    fine_map = np.zeros(study.hu.shape, np.float32)
+    for zi, crop_map, box, pos in zip(z, crop_maps, boxes, positive_lung, strict=True):
+        if pos:
+            fine_map[zi] = localize.fine_map_in_slice(crop_map, box, height, width)
+    positive = np.zeros(study.hu.shape[0], bool)
+    positive[z[positive_lung]] = True
+    suspected, ratio = decide_case(int(positive.sum()), len(z), case_threshold)
+    score = corona_score_cm3(fine_map, positive, study.spacing)
+    lap("decision_and_corona_score")
+
+    lung = lung_labels > 0
+    infection = infection_labels_from_map(fine_map, study.hu, lung, study.spacing, settings)
+    lap("infection_mask")
+
+    voxel_cm3 = study.voxel_volume_mm3 / 1000.0
+    lung_ml = lung_volumes_ml(lung_labels, study.spacing)
+    ggo = float(np.count_nonzero(infection == 1)) * voxel_cm3
+    consolidation = float(np.count_nonzero(infection == 2)) * voxel_cm3
+    slices = pd.DataFrame({
+        "z": np.arange(study.hu.shape[0]),
+        "lung_area_mm2": np.count_nonzero(lung.reshape(lung.shape[0], -1), axis=1)
+        * study.pixel_area_mm2,
+        "contains_lung": False, "probability": np.nan, "positive": positive,
+        "map_sum": fine_map.reshape(fine_map.shape[0], -1).sum(axis=1),
+    })
+    slices.loc[z, "contains_lung"] = True
+    slices.loc[z, "probability"] = probabilities
+    summary = {
+        "decision": {"suspected_covid": suspected, "positive_slice_ratio": ratio,
+                     "threshold": case_threshold, "positive_slices": int(positive.sum()),
+                     "lung_slices": int(len(z)), "slice_threshold": slice_threshold},
+        "corona_score_cm3": score,
+        "volumes": {
+            "lung_ml": lung_ml,
+            "infection_cm3": {"total": ggo + consolidation, "ggo": ggo,
+                              "consolidation": consolidation},
+            "lung_involvement_percent": 100.0 * (ggo + consolidation) / lung_ml["total"]
+            if lung_ml["total"] else 0.0,
+        },
+    }
+    lap("volumes")
+    return StudyReport(case_id or case_id_for(study), lung_labels, fine_map, infection, slices,
+                       summary, timings)
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
+
+
+# =============================================================================================
+# Outputs
+# =============================================================================================
+
+
+def report_document(report: StudyReport, study: io.Study, models: AnalysisModels,
+                    settings: AnalysisSettings) -> dict:
+    """The report.json content (schema ``radlogics_repro.study_report`` version 1)."""
+    meta = study.metadata
+    return {
+        "schema": REPORT_SCHEMA, "schema_version": REPORT_SCHEMA_VERSION,
+        "notice": RESEARCH_USE_NOTICE, "case_id": report.case_id,
+        "analysed_at": provenance.environment()["date"],
+        **report.summary,
+        "timings_s": report.timings_s,
+        "input": {"kind": meta.get("source_kind"), "n_slices": int(study.hu.shape[0]),
+                  "shape_zyx": list(study.hu.shape), "spacing_mm": [float(s) for s in study.spacing],
+                  "warnings": list(meta.get("warnings", []))},
+        "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in settings.__dict__.items()},
+        "provenance": {
+            "radlogics_repro": __version__, "commit": provenance.git_commit(),
+            "lung_model": {"file": Path(models.lung_path).name,
+                           "init": models.lung_card.get("init"),
+                           "commit": models.lung_card.get("commit")},
+            "classifier_model": {"file": Path(models.classifier_path).name,
+                                 "init": models.classifier_card.get("init"),
+                                 "commit": models.classifier_card.get("commit"),
+                                 "data": models.classifier_card.get("data")},
+        },
+    }
+
+
+def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisModels,
+                        settings: AnalysisSettings, out_dir: str | os.PathLike,
+                        overwrite: bool = False) -> Path:
+    """Write every output of one study into ``out_dir`` (created whole, atomically)."""
+    from radlogics_repro import report as figures
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise AnalysisError(f"{out_dir}: already exists; choose another output_dir or pass overwrite=true")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        clock = time.perf_counter()
+        io.save_mask(study, report.lung_labels, tmp / "lung_mask.nii.gz")
+        io.save_mask(study, report.fine_map, tmp / "infection_map.nii.gz")
+        io.save_mask(study, report.infection_labels, tmp / "infection_mask.nii.gz")
+        report.slices.to_csv(tmp / "slices.csv", index=False, float_format="%.6g")
+        images = {}
+        overview = figures.render_3d_overview(
+            report.lung_labels > 0, report.infection_labels > 0, study.spacing, tmp / "overview_3d.png",
+            ggo_mask=report.infection_labels == 1, consolidation_mask=report.infection_labels == 2,
+            title=report.case_id)
+        images["3D overview: lungs and infection (GGO / consolidation)"] = overview
+        for z in figures.most_involved_slices(report.slices["map_sum"].to_numpy(), settings.n_overlays):
+            if report.slices["map_sum"].iloc[z] <= 0:
+                continue
+            path = figures.slice_overlay_png(
+                study.hu[z], tmp / f"overlay_z{z:04d}.png", lung_mask=report.lung_labels[z] > 0,
+                fine_map=report.fine_map[z], infection_mask=report.infection_labels[z] > 0,
+                title=f"{report.case_id} slice {z}, p={report.slices['probability'].iloc[z]:.2f}")
+            images[f"Slice {z}: fine localization map"] = path
+        report.timings_s["outputs"] = round(time.perf_counter() - clock, 3)
+        document = report_document(report, study, models, settings)
+        (tmp / "report.json").write_text(json.dumps(document, indent=2, default=_json_default))
+        figures.write_html_report(document, images, tmp / "report.html")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+# =============================================================================================
+# Many studies: discovery, batch run, longitudinal curves
+# =============================================================================================
+
+
+def discover_inputs(path: str | os.PathLike) -> pd.DataFrame:
+    """The studies behind an ``input=`` path, as a frame with ``case_id, image`` (and the manifest's
+    ``patient_id, day`` when given).
+
+    A ``.csv`` is a manifest; a NIfTI or DICOM file is one study; a folder holding files is one
+    DICOM study; a folder holding only sub-folders and/or NIfTI files is a batch, one study each.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AnalysisError(f"{path}: input does not exist")
+    if path.suffix.lower() == ".csv":
+        frame = _read_analysis_manifest(path)
+    elif path.is_file():
+        frame = pd.DataFrame({"case_id": [None], "image": [str(path)]})
+    else:
+        entries = [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
+        niftis = [p for p in entries if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz"))]
+        other_files = [p for p in entries if p.is_file() and p not in niftis]
+        folders = [p for p in entries if p.is_dir()]
+        if other_files or not (niftis or folders):
+            frame = pd.DataFrame({"case_id": [None], "image": [str(path)]})
+        else:
+            frame = pd.DataFrame({"case_id": None, "image": [str(p) for p in folders + niftis]})
+    return frame
+
+
+def _read_analysis_manifest(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"case_id": str, "patient_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise AnalysisError(f"{path}: not a readable CSV manifest ({err})") from None
+    if frame.empty:
+        raise AnalysisError(f"{path}: manifest has no rows")
+    if "image" not in frame.columns:
+        raise AnalysisError(f"{path}: manifest lacks the column 'image'")
+    frame["image"] = [str((path.parent / str(p)).resolve()) for p in frame["image"]]
+    if "case_id" not in frame.columns:
+        frame["case_id"] = None
+    return frame
+
+
+def run_batch(inputs: pd.DataFrame, models: AnalysisModels, settings: AnalysisSettings,
+              output_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True
+              ) -> pd.DataFrame:
+    """Analyse every study; a bad study is reported and skipped, a finished one is not redone.
+
+    Returns:
+        the summary table (one row per study: case id, status, decision, scores, volumes, error),
+        also written as ``<output_dir>/summary.csv``.
+    """
+    from tqdm import tqdm
+
+    output_dir = Path(output_dir)
+    rows = []
+    for _, entry in tqdm(list(inputs.iterrows()), disable=not progress or len(inputs) < 2,
+                         desc="studies", unit="study"):
+        rows.append(_analyze_one(entry, models, settings, output_dir, overwrite))
+    summary = pd.DataFrame(rows)
+    if len(inputs) > 1 or "patient_id" in inputs.columns:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_csv_atomic(summary, output_dir / "summary.csv")
+    if {"patient_id", "day"} <= set(inputs.columns):
+        write_longitudinal_curves(summary, output_dir / "longitudinal")
+    return summary
+
+
+def _analyze_one(entry: pd.Series, models, settings, output_dir: Path, overwrite: bool) -> dict:
+    row = {k: entry[k] for k in ("patient_id", "day") if k in entry.index}
+    given_id = entry.get("case_id")
+    try:
+        study = io.load_study(entry["image"])
+        case_id = given_id if isinstance(given_id, str) and given_id else case_id_for(study)
+        row["case_id"] = case_id
+        out = output_dir / case_id
+        if (out / "report.json").exists() and not overwrite:
+            document = json.loads((out / "report.json").read_text())
+            row.update(_summary_row(document), status="done earlier")
+            return row
+        report = analyze_study(study, models, settings, case_id=case_id)
+        write_study_outputs(report, study, models, settings, out, overwrite=overwrite)
+        row.update(_summary_row(json.loads((out / "report.json").read_text())), status="ok")
+    except (io.StudyReadError, AnalysisError) as err:
+        row.setdefault("case_id", given_id if isinstance(given_id, str) else "")
+        row.update(status="error", error=" ".join(str(err).split()))
+        log.error("skipped: %s", row["error"])
+    return row
+
+
+def _summary_row(document: dict) -> dict:
+    decision, volumes = document["decision"], document["volumes"]
+    return {
+        "suspected_covid": decision["suspected_covid"],
+        "positive_slice_ratio": decision["positive_slice_ratio"],
+        "corona_score_cm3": document["corona_score_cm3"],
+        "lung_ml": volumes["lung_ml"]["total"],
+        "infection_cm3": volumes["infection_cm3"]["total"],
+        "lung_involvement_percent": volumes["lung_involvement_percent"],
+        "seconds": sum(document["timings_s"].values()),
+    }
+
+
+def write_longitudinal_curves(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    """Corona Score over scan day per patient (CSV + PNG) for patients with >= 2 analysed scans."""
+    from radlogics_repro import report as figures
+
+    done = summary[summary["status"].isin(["ok", "done earlier"])]
+    written = []
+    for patient, scans in done.groupby("patient_id"):
+        if len(scans) < 2:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        scans = scans.sort_values("day")
+        table = scans[["day", "case_id", "corona_score_cm3", "infection_cm3", "lung_ml"]]
+        _write_csv_atomic(table, folder / f"{patient}.csv")
+        written.append(figures.corona_curve_png(
+            scans["day"].to_numpy(), scans["corona_score_cm3"].to_numpy(), folder / f"{patient}.png",
+            case_ids=list(scans["case_id"]), title=f"patient {patient}: Corona Score over time"))
+    return written
+
+
+def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp.name, path)
+
+
+# =============================================================================================
+# Command line
+# =============================================================================================
+
+
+def settings_from_config(cfg) -> AnalysisSettings:
+    """The entry point's config -> plain :class:`AnalysisSettings`."""
+    return AnalysisSettings(
+        slice_threshold=cfg.slice_threshold, case_threshold=cfg.case_threshold,
+        map_threshold=float(cfg.map_threshold), blur_sigma_mm=float(cfg.blur_sigma_mm),
+        ggo_hu=tuple(float(v) for v in cfg.ggo_hu),
+        consolidation_hu=tuple(float(v) for v in cfg.consolidation_hu),
+        engine=str(cfg.engine), batch_size=int(cfg.batch_size), n_overlays=int(cfg.n_overlays))
+
+
+def run(cfg) -> pd.DataFrame:
+    """Analyse ``cfg.input`` (one study or many) into ``cfg.output_dir``; returns the summary."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_missing(cfg, "input") or not cfg.input:
+        raise AnalysisError("input: missing; usage: python -m radlogics_repro.analyze input=PATH "
+                            "(a DICOM folder or file, a NIfTI file, a folder of studies or a manifest CSV)")
+    inputs = discover_inputs(cfg.input)
+    models = load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir)
+    log.info("%s | %d stud%s | lung model %s | classifier %s", RESEARCH_USE_NOTICE, len(inputs),
+             "y" if len(inputs) == 1 else "ies", models.lung_path, models.classifier_path)
+    summary = run_batch(inputs, models, settings_from_config(cfg), cfg.output_dir,
+                        overwrite=bool(cfg.overwrite))
+    for _, row in summary.iterrows():
+        if row["status"] == "error":
+            print(f"error: {row['error']}")
+        else:
+            verdict = "suspected COVID-19" if row["suspected_covid"] else "not suspected"
+            print(f"{row['case_id']}: {verdict} (positive slice ratio {row['positive_slice_ratio']:.2f}, "
+                  f"Corona Score {row['corona_score_cm3']:.1f} cm^3) -> "
+                  f"{Path(cfg.output_dir) / row['case_id']}")
+    print(RESEARCH_USE_NOTICE)
+    if len(inputs) == 1 and summary["status"].iloc[0] == "error":
+        raise AnalysisError(summary["error"].iloc[0])
+    return summary
+
+
+def main() -> None:
+    import hydra
+
+    from radlogics_repro.cli import exit_on_user_error
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
+    def _main(cfg) -> None:
+        with exit_on_user_error():
+            run(cfg)
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Study analysis: Corona Score, case decision, infection mask, input discovery (unit level)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from radlogics_repro import analyze, io
+
+
+def test_corona_score_of_a_constant_map_by_hand():
+    fine = np.zeros((5, 10, 10), np.float32)
+    fine[1:4] = 0.5
+    positive = np.array([False, True, True, False, False])
+    # 2 positive slices x 100 px x 0.5 x (0.7 x 0.7 mm^2) x 2.5 mm / 1000 = 0.1225 cm^3;
+    # slice 3 carries map values but is not positive: it does not count
+    score = analyze.corona_score_cm3(fine, positive, (2.5, 0.7, 0.7))
+    assert score == pytest.approx(2 * 100 * 0.5 * 0.49 * 2.5 / 1000)
+
+
+def test_full_map_equals_the_lung_volume():
+    fine = np.ones((4, 8, 8), np.float32)
+    score = analyze.corona_score_cm3(fine, np.ones(4, bool), (5.0, 1.0, 1.0))
+    assert score == pytest.approx(4 * 64 * 5.0 / 1000)
+
+
+@pytest.mark.parametrize(
+    "positive, lung, threshold, expected",
+    [(5, 50, 0.1, (True, 0.1)), (4, 50, 0.1, (False, 0.08)), (0, 0, 0.1, (False, 0.0)),
+     (50, 50, 1.0, (True, 1.0))],
+)
+def test_case_decision_rule(positive, lung, threshold, expected):
+    suspected, ratio = analyze.decide_case(positive, lung, threshold)
+    assert suspected is expected[0]
+    assert ratio == pytest.approx(expected[1])
+
+
+def test_infection_labels_split_by_hu_and_stay_in_lung():
+    hu = np.full((6, 30, 30), -870.0, np.float32)
+    lung = np.zeros(hu.shape, bool)
+    lung[:, 2:28, 2:28] = True
+    fine = np.zeros(hu.shape, np.float32)
+    fine[1:5, 5:20, 5:20] = 0.9
+    hu[1:5, 5:12, 5:20] = -550.0   # ground glass
+    hu[1:5, 12:20, 5:20] = -50.0   # consolidation
+    settings = analyze.AnalysisSettings(map_threshold=0.5, blur_sigma_mm=0.5)
+    labels = analyze.infection_labels_from_map(fine, hu, lung, (1.0, 1.0, 1.0), settings)
+    assert set(np.unique(labels)) == {0, 1, 2}
+    assert (labels[2, 6:11, 6:19] == 1).all()
+    assert (labels[2, 13:19, 6:19] == 2).all()
+    assert not labels[~lung].any()
+    # aerated lung (-870 HU) under the map is not infection
+    assert not labels[hu < -750].any()
+    none = analyze.infection_labels_from_map(np.zeros_like(fine), hu, lung, (1, 1, 1), settings)
+    assert not none.any()
+
+
+def test_case_id_is_a_hash_not_a_name():
+    study = io.study_from_array(np.zeros((3, 4, 4), np.float32), (1, 1, 1),
+                                metadata={"study_uid_hash": "abc", "series_uid_hash": "def"})
+    case_id = analyze.case_id_for(study)
+    assert case_id.startswith("case-") and len(case_id) == 15
+    assert case_id == analyze.case_id_for(study)
+
+
+def test_discover_inputs(tmp_path):
+    study_dir = tmp_path / "one"
+    study_dir.mkdir()
+    (study_dir / "IM0001").write_bytes(b"x")
+    assert list(analyze.discover_inputs(study_dir)["image"]) == [str(study_dir)]
+    batch = tmp_path / "many"
+    (batch / "s1").mkdir(parents=True)
+    (batch / "s2").mkdir()
+    (batch / "s3.nii.gz").write_bytes(b"x")
+    assert len(analyze.discover_inputs(batch)) == 3
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"case_id": ["a"], "image": ["one"], "patient_id": ["P1"], "day": [0]}).to_csv(
+        manifest, index=False)
+    frame = analyze.discover_inputs(manifest)
+    assert frame["image"].iloc[0] == str(study_dir)
+    with pytest.raises(analyze.AnalysisError, match="does not exist"):
+        analyze.discover_inputs(tmp_path / "missing")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("case_id,image\n")
+    with pytest.raises(analyze.AnalysisError, match="no rows"):
+        analyze.discover_inputs(empty)
+
+
+def test_missing_models_name_the_training_commands(tmp_path):
+    with pytest.raises(analyze.AnalysisError, match=r"train \+experiment=lung_unet"):
+        analyze.load_analysis_models(None, None, runs_dir=tmp_path)
+
+
+# ---- end to end on a tiny synthetic study with tiny untrained models ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """Untrained 32-pixel networks saved as .keras with model cards, as training would write them."""
+    import json
+
+    from radlogics_repro import models
+
+    folder = tmp_path_factory.mktemp("models")
+    lung = models.build_lung_unet(input_shape=(32, 32, 3), encoder_weights=None,
+                                  decoder_filters=(8, 8, 8, 8))
+    classifier = models.build_slice_classifier(input_shape=(32, 32, 3), weights=None,
+                                               dense_units=(8, 4))
+    paths = {}
+    for name, model in (("lung", lung), ("classifier", classifier)):
+        path = folder / name / "model.keras"
+        path.parent.mkdir()
+        model.save(path)
+        card = {"task": name, "input_size": 32, "init": "random", "input_mode": "lung_crop",
+                "crop_margin_mm": 10.0, "min_lung_area_mm2": 100.0,
+                "operating_threshold": 0.0, "case_threshold": 0.5}  # every lung slice positive
+        (path.parent / "model.json").write_text(json.dumps(card))
+        paths[name] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dicom_case(tmp_path_factory):
+    from radlogics_repro import synth
+
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    manifest = synth.generate_dataset(out, n_patients=2, seed=5, in_plane=64, slices=20,
+                                      slice_mm=5.0, covid_fraction=1.0, longitudinal_fraction=0.0,
+                                      formats=("nifti", "dicom"), progress=False)
+    frame = pd.read_csv(manifest)
+    return out, frame
+
+
+def _cli(args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "radlogics_repro.analyze", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_analyze_cli_end_to_end_writes_every_output_and_no_identity(tiny_models, dicom_case,
+                                                                    tmp_path):
+    import json
+
+    out, frame = dicom_case
+    dicom_dir = out / frame["dicom"].iloc[0]
+    result = _cli([f"input={dicom_dir}", f"output_dir={tmp_path / 'analysis'}",
+                   f"lung_model={tiny_models['lung']}",
+                   f"classifier_model={tiny_models['classifier']}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folders = [p for p in (tmp_path / "analysis").iterdir() if p.name.startswith("case-")]
+    assert len(folders) == 1
+    case = folders[0]
+    for name in ("report.json", "slices.csv", "lung_mask.nii.gz", "infection_map.nii.gz",
+                 "infection_mask.nii.gz", "overview_3d.png", "report.html"):
+        assert (case / name).exists(), name
+    document = json.loads((case / "report.json").read_text())
+    assert document["schema"] == "radlogics_repro.study_report"
+    assert document["schema_version"] == 1
+    assert "Research use only" in document["notice"]
+    assert {"decision", "corona_score_cm3", "volumes", "timings_s", "provenance", "input"} <= set(
+        document)
+    assert document["decision"]["threshold"] == 0.5
+    assert document["provenance"]["classifier_model"]["init"] == "random"
+    slices = pd.read_csv(case / "slices.csv")
+    assert len(slices) == document["input"]["n_slices"]
+    # the planted DICOM identity never reaches any output byte
+    import pydicom
+
+    planted = pydicom.dcmread(next(iter(sorted(dicom_dir.iterdir()))), stop_before_pixels=True)
+    secrets = [str(planted.PatientName), str(planted.PatientID), str(planted.PatientBirthDate)]
+    assert all(secrets)
+    for file in (tmp_path / "analysis").rglob("*"):
+        if file.is_file():
+            content = file.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in content, (file, secret)
+    # a second run does not overwrite: the finished case is reported as done earlier
+    again = _cli([f"input={dicom_dir}", f"output_dir={tmp_path / 'analysis'}",
+                  f"lung_model={tiny_models['lung']}",
+                  f"classifier_model={tiny_models['classifier']}"], cwd=tmp_path)
+    assert again.returncode == 0
+
+
+def test_analyze_cli_bad_input_exits_2_with_one_line_and_no_output(tiny_models, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "IM0001.dcm").write_bytes(b"DICM" * 10)
+    (bad / "notes.txt").write_text("hello")
+    result = _cli([f"input={bad}", f"output_dir={tmp_path / 'analysis'}",
+                   f"lung_model={tiny_models['lung']}",
+                   f"classifier_model={tiny_models['classifier']}"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and str(bad) in lines[0]
+    assert "Traceback" not in result.stderr
+    leftovers = [p for p in (tmp_path / "analysis").glob("*") if p.name != "logs"] \
+        if (tmp_path / "analysis").exists() else []
+    assert leftovers == []
+
+
+def test_analyze_without_models_names_the_training_commands(tmp_path):
+    result = _cli([f"input={tmp_path}", f"paths.runs_dir={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert result.returncode == 2
+    assert "python -m radlogics_repro.train +experiment=" in result.stderr
