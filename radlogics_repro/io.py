@@ -1268,15 +1268,14 @@ def _image_in_input_grid(study: Study, data_zyx: np.ndarray):
     grid = study._nifti_grid
     data_xyz = data_zyx.transpose(2, 1, 0)
     if grid is None:
-        img = nib.Nifti1Image(np.ascontiguousarray(data_xyz), study.affine)
+        # (z, y, x) C-order transposed is (x, y, z) Fortran order, which is how NIfTI stores voxels:
+        # nibabel writes it without a copy.
+        img = nib.Nifti1Image(data_xyz, study.affine)
         img.header.set_xyzt_units("mm")
         img.set_sform(study.affine, code=1)
         img.set_qform(study.affine, code=1)
     else:
-        original = np.ascontiguousarray(
-            nio.apply_orientation(data_xyz, _invert_ornt(grid.to_canonical))
-        )
-        original = original.reshape(grid.shape)
+        original = nio.apply_orientation(data_xyz, _invert_ornt(grid.to_canonical)).reshape(grid.shape)
         header = grid.header.copy()
         header.set_data_dtype(data_zyx.dtype)
         sform, sform_code = header.get_sform(), int(header["sform_code"])
