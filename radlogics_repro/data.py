@@ -173,6 +173,16 @@ class SliceSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def take(self, index: np.ndarray) -> SliceSet:
+        """The slices at ``index`` (in that order)."""
+        return SliceSet(*(getattr(self, f.name)[index] for f in fields(SliceSet)))
+
+    def evenly_spaced(self, n: int | None) -> SliceSet:
+        """At most ``n`` slices spread evenly over the set (all of them when ``n`` is None)."""
+        if n is None or len(self) <= n:
+            return self
+        return self.take(np.linspace(0, len(self) - 1, n).round().astype(int))
+
     @staticmethod
     def concatenate(parts: Sequence[SliceSet], size: int) -> SliceSet:
         if not parts:

@@ -360,7 +360,10 @@ def train(cfg: DictConfig) -> dict:
     train_ds = make_ds(train_slices, batch_size=batch, training=True, seed=cfg.seed,
                        augment=make_augmenter(task, plain.get("augment") or {}),
                        first_epoch=first_epoch, epochs=epochs, **extra)
-    val_ds = make_ds(val_slices, batch_size=trainer["eval_batch_size"], training=False)
+    # Per-epoch validation (checkpoint choice, early stopping) on an evenly spread subset; the
+    # final evaluation below uses every validation and test slice.
+    val_ds = make_ds(val_slices.evenly_spaced(trainer["max_val_slices_per_epoch"]),
+                     batch_size=trainer["eval_batch_size"], training=False)
 
     # ---- model --------------------------------------------------------------------------------
     if resume:

@@ -215,3 +215,10 @@ def test_pipeline_map_matches_eager_windowing():
     hu = np.array([[-1000.0, -500.0], [0.0, 300.0]], np.float32)
     ds = tf.data.Dataset.from_tensors(hu).map(data.preprocess.window_hu)
     np.testing.assert_allclose(next(iter(ds)).numpy(), [[0, 0.5], [1, 1]])
+
+
+def test_evenly_spaced_subset():
+    slices = _toy_slices(10)
+    sub = slices.evenly_spaced(4)
+    np.testing.assert_array_equal(sub.z, [0, 3, 6, 9])
+    assert slices.evenly_spaced(None) is slices and slices.evenly_spaced(20) is slices
