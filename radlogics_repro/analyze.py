@@ -1,6 +1,7 @@
 """One CT study end to end: lungs, slice probabilities, fine maps, case decision, Corona Score.
 
     python -m radlogics_repro.analyze input=PATH [output_dir=analysis] [lung_model=...] [classifier_model=...]
+    python -m radlogics_repro.analyze input=PATH analysis.case_threshold=0.2 analysis.engine=tf-keras-vis
 
 ``PATH`` is a DICOM folder, a DICOM file, a NIfTI file, a folder of studies (its sub-folders and NIfTI
 files) or a manifest CSV (``case_id, image`` and optionally ``patient_id, day``). Without model paths
@@ -530,7 +531,7 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
 
 
 def settings_from_config(cfg) -> AnalysisSettings:
-    """The entry point's config -> plain :class:`AnalysisSettings`."""
+    """The ``analysis`` config group (conf/analysis/) -> plain :class:`AnalysisSettings`."""
     return AnalysisSettings(
         slice_threshold=cfg.slice_threshold, case_threshold=cfg.case_threshold,
         map_threshold=float(cfg.map_threshold), blur_sigma_mm=float(cfg.blur_sigma_mm),
@@ -550,7 +551,7 @@ def run(cfg) -> pd.DataFrame:
     models = load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir)
     log.info("%s | %d stud%s | lung model %s | classifier %s", RESEARCH_USE_NOTICE, len(inputs),
              "y" if len(inputs) == 1 else "ies", models.lung_path, models.classifier_path)
-    summary = run_batch(inputs, models, settings_from_config(cfg), cfg.output_dir,
+    summary = run_batch(inputs, models, settings_from_config(cfg.analysis), cfg.output_dir,
                         overwrite=bool(cfg.overwrite))
     for _, row in summary.iterrows():
         if row["status"] == "error":

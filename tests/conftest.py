@@ -26,3 +26,28 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return synth.generate_dataset(
         out, n_patients=6, seed=11, in_plane=64, slices=24, slice_mm=(4.0, 6.0),
         covid_fraction=0.5, longitudinal_fraction=0.34, timepoints=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Untrained 32-pixel networks saved as .keras with model cards, as training would write them."""
+    import json
+
+    from radlogics_repro import models
+
+    folder = tmp_path_factory.mktemp("models")
+    lung = models.build_lung_unet(input_shape=(32, 32, 3), encoder_weights=None,
+                                  decoder_filters=(8, 8, 8, 8))
+    classifier = models.build_slice_classifier(input_shape=(32, 32, 3), weights=None,
+                                               dense_units=(8, 4))
+    paths = {}
+    for name, model in (("lung", lung), ("classifier", classifier)):
+        path = folder / name / "model.keras"
+        path.parent.mkdir()
+        model.save(path)
+        card = {"task": name, "input_size": 32, "init": "random", "input_mode": "lung_crop",
+                "crop_margin_mm": 10.0, "min_lung_area_mm2": 100.0,
+                "operating_threshold": 0.0, "case_threshold": 0.5}  # every lung slice positive
+        (path.parent / "model.json").write_text(json.dumps(card))
+        paths[name] = path
+    return paths

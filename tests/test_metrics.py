@@ -81,3 +81,39 @@ def test_dice_metric_hard_threshold_and_empty_case():
     y_pred[0, 0, :, 0] = 0.9   # 2 predicted, 1 overlapping: Dice 2/3; image 2 empty/empty: 1
     metric.update_state(y_true, y_pred)
     assert float(metric.result()) == pytest.approx((2 / 3 + 1) / 2)
+
+
+def test_bootstrap_ci_contains_the_point_estimate_and_resamples_patients():
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(20), 5)
+    labels = (groups % 2).astype(int)
+    scores = labels * 0.6 + rng.random(100)
+    low, high = M.bootstrap_auc_ci(labels, scores, groups, n_boot=300, seed=2)
+    point = M.auc(labels, scores)
+    assert low <= point <= high and high - low > 0.01
+    perfect = M.bootstrap_auc_ci(labels, labels.astype(float), groups, n_boot=50)
+    assert perfect == (1.0, 1.0)
+    assert all(math.isnan(v) for v in M.bootstrap_auc_ci(np.ones(4), np.ones(4), np.arange(4)))
+
+
+def test_pointing_game_and_pixel_auroc():
+    lesion = np.zeros((4, 4), bool)
+    lesion[1, 1] = True
+    heat = np.zeros((4, 4))
+    heat[1, 1] = 1.0
+    assert M.pointing_game(heat, lesion)
+    heat[3, 3] = 2.0
+    assert not M.pointing_game(heat, lesion)
+    assert not M.pointing_game(np.zeros((4, 4)), lesion)
+    ramp = np.zeros((4, 4))
+    ramp[1, 1] = 0.9
+    assert M.pixel_auroc(ramp, lesion) == 1.0
+
+
+def test_agreement_by_hand():
+    reference = np.array([1.0, 2.0, 3.0, 4.0])
+    measured = reference + 1.0
+    out = M.agreement(measured, reference)
+    assert out["pearson_r"] == pytest.approx(1.0) and out["spearman_rho"] == pytest.approx(1.0)
+    assert out["bias"] == pytest.approx(1.0)
+    assert out["loa_low"] == pytest.approx(1.0) and out["loa_high"] == pytest.approx(1.0)

@@ -89,3 +89,73 @@ def classification_summary(labels: np.ndarray, scores: np.ndarray, threshold: fl
         "specificity": spec, "accuracy": (tp + tn) / max(labels.size, 1), "f1": f1,
         "tp": tp, "fp": fp, "fn": fn, "tn": tn, "n": int(labels.size),
     }
+
+
+def bootstrap_auc_ci(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                     n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the AUC, resampling *groups* (patients) with
+    replacement, so that slices of one patient move together.
+
+    Args:
+        labels, scores: per item (slice or case).
+        groups: per item, the patient it belongs to.
+        n_boot: bootstrap replicates; replicates with a single class are skipped.
+        level: coverage, e.g. 0.95.
+
+    Returns:
+        (lower, upper); NaN when fewer than two classes are present.
+    """
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, float)
+    groups = np.asarray(groups)
+    if np.unique(labels).size < 2:
+        return float("nan"), float("nan")
+    unique = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in unique]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        pick = np.concatenate([members[i] for i in rng.integers(0, len(unique), len(unique))])
+        if np.unique(labels[pick]).size == 2:
+            values.append(roc_auc_score(labels[pick], scores[pick]))
+    if not values:
+        return float("nan"), float("nan")
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def pointing_game(fine_map: np.ndarray, lesion_mask: np.ndarray) -> bool:
+    """True when the map's maximum (first one in C order on ties) lies inside the lesion mask."""
+    if fine_map.max() <= 0:
+        return False
+    return bool(np.asarray(lesion_mask).ravel()[int(np.argmax(fine_map))] > 0)
+
+
+def pixel_auroc(fine_map: np.ndarray, lesion_mask: np.ndarray, region: np.ndarray | None = None
+                ) -> float:
+    """AUROC of map values as a pixel-wise lesion detector (inside ``region``, e.g. the lung)."""
+    values = np.asarray(fine_map, float)
+    truth = np.asarray(lesion_mask) > 0
+    if region is not None:
+        values, truth = values[np.asarray(region, bool)], truth[np.asarray(region, bool)]
+    return auc(truth.ravel(), values.ravel())
+
+
+def agreement(measured: np.ndarray, reference: np.ndarray) -> dict:
+    """Pearson r, Spearman rho, and Bland-Altman bias and 95 % limits of agreement
+    (mean difference +/- 1.96 SD of the differences, measured - reference)."""
+    from scipy import stats
+
+    measured = np.asarray(measured, float)
+    reference = np.asarray(reference, float)
+    if measured.size < 3 or np.std(measured) == 0 or np.std(reference) == 0:
+        pearson = spearman = float("nan")
+    else:
+        pearson = float(stats.pearsonr(measured, reference)[0])
+        spearman = float(stats.spearmanr(measured, reference)[0])
+    diff = measured - reference
+    bias = float(diff.mean()) if diff.size else float("nan")
+    sd = float(diff.std(ddof=1)) if diff.size > 1 else float("nan")
+    return {"pearson_r": pearson, "spearman_rho": spearman, "bias": bias,
+            "loa_low": bias - 1.96 * sd, "loa_high": bias + 1.96 * sd, "n": int(measured.size)}
