@@ -563,4 +563,4 @@ def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
     same in the loss; a class that is absent gets weight 1."""
     labels = np.asarray(labels).astype(int)
     n = labels.size
-    return {c: (n / (2.0 * np.sum(labels == c)) if np.any(labels == c) else 1.0) for c in (0, 1)}
+    return {c: (float(n / (2.0 * np.sum(labels == c))) if np.any(labels == c) else 1.0) for c in (0, 1)}

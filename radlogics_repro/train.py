@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -399,7 +400,8 @@ def train(cfg: DictConfig) -> dict:
     if first_epoch < epochs:
         history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=first_epoch,
                             steps_per_epoch=data.steps_per_epoch(len(train_slices), batch),
-                            callbacks=callbacks, verbose=2, shuffle=False)
+                            callbacks=callbacks, shuffle=False,
+                            verbose=1 if sys.stdout.isatty() else 2)
         if nan_guard.stopped_on_nan or _loss_is_nan(history):
             raise TrainingError(f"{run_dir}: the loss became NaN; lower trainer.learning_rate or check "
                                 "the data (the last good epoch is kept in resume/)")
