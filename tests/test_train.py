@@ -23,13 +23,20 @@ def smoke_overrides(experiment, manifest, run_dir, extra=()):
             f"run_dir={run_dir}", *model, *extra]
 
 
-@pytest.mark.parametrize("experiment", ["lung_unet", "classifier"])
-def test_every_experiment_composes(experiment):
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "experiment")
+                     .glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_smoke_shrinks_it(experiment):
     cfg = compose_train([f"+experiment={experiment}"])
-    assert cfg.task == experiment
-    assert cfg.model.kind == experiment
+    assert cfg.task in ("lung_unet", "classifier")
+    assert cfg.model.kind == cfg.task
     assert cfg.data.input_size == 224
     assert cfg.model.weights == "imagenet"
+    assert cfg.trainer.epochs > 2
+    smoke = compose_train([f"+experiment={experiment}", "trainer=smoke"])
+    assert smoke.trainer.epochs == 2 and smoke.trainer.max_cases_per_split == 2
 
 
 def test_classifier_smoke_run_writes_every_output(tiny_dataset, tmp_path):
