@@ -40,8 +40,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,7 +49,16 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from radlogics_repro import RESEARCH_USE_NOTICE, __version__, data, io, localize, preprocess, provenance
+from radlogics_repro import (
+    RESEARCH_USE_NOTICE,
+    __version__,
+    atomic,
+    data,
+    io,
+    localize,
+    preprocess,
+    provenance,
+)
 from radlogics_repro.cli import UserError
 from radlogics_repro.lung_segmentation import lung_volumes_ml, segment_lungs
 
@@ -350,12 +357,7 @@ def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisMo
     """Write every output of one study into ``out_dir`` (created whole, atomically)."""
     from radlogics_repro import report as figures
 
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise AnalysisError(f"{out_dir}: already exists; choose another output_dir or pass overwrite=true")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic.output_folder(out_dir, overwrite) as tmp:
         clock = time.perf_counter()
         io.save_mask(study, report.lung_labels, tmp / "lung_mask.nii.gz")
         io.save_mask(study, report.fine_map, tmp / "infection_map.nii.gz")
@@ -379,13 +381,7 @@ def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisMo
         document = report_document(report, study, models, settings)
         (tmp / "report.json").write_text(json.dumps(document, indent=2, default=_json_default))
         figures.write_html_report(document, images, tmp / "report.html")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def _json_default(value):
@@ -520,9 +516,7 @@ def write_longitudinal_curves(summary: pd.DataFrame, folder: Path) -> list[Path]
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
-    os.replace(tmp.name, path)
+    atomic.write_text(path, frame.to_csv(index=False, float_format="%.6g"))
 
 
 # =============================================================================================

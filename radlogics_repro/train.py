@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from radlogics_repro import RESEARCH_USE_NOTICE, augment, data, losses, models, provenance
+from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, losses, models, provenance
 from radlogics_repro.cli import UserError, exit_on_user_error
 from radlogics_repro.evaluate import metrics as M
 
@@ -102,7 +101,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         _atomic_save_model(self.model, self.folder / "last.keras")
         state = {"epoch": epoch + 1, "config": self.config_yaml, "init": self.init,
                  "callbacks": {name: _callback_state(cb) for name, cb in self.stateful.items()}}
-        _atomic_write_text(self.folder / "state.json", json.dumps(state, indent=1))
+        atomic.write_text(self.folder / "state.json", json.dumps(state, indent=1))
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -131,12 +130,6 @@ def _atomic_save_model(model: keras.Model, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.keras")
     model.save(tmp)
     os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
 
 
 # =============================================================================================
@@ -332,7 +325,7 @@ def train(cfg: DictConfig) -> dict:
 
         tf.config.experimental.enable_op_determinism()
     keras.mixed_precision.set_global_policy(trainer["precision"])
-    _atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(plain))
+    atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(plain))
     log.info("%s | run folder %s", RESEARCH_USE_NOTICE, run_dir)
     log.info("to resume this run if it stops: python -m radlogics_repro.train %s run_dir=%s",
              f"+experiment={task}", run_dir)
@@ -435,7 +428,7 @@ def train(cfg: DictConfig) -> dict:
     card = model_card(task, data_cfg, init, threshold, plain)
     card["case_threshold"] = case_threshold
     _atomic_save_model(model, run_dir / "model.keras")
-    _atomic_write_text(run_dir / "model.json", json.dumps(card, indent=2))
+    atomic.write_text(run_dir / "model.json", json.dumps(card, indent=2))
     from radlogics_repro.report import training_figure
 
     training_figure(task, model, val_slices, run_dir / "predictions.png")
@@ -446,7 +439,7 @@ def train(cfg: DictConfig) -> dict:
                    "test": len(test_slices) if test_slices is not None else 0},
         "environment": provenance.environment(),
     }
-    _atomic_write_text(run_dir / "metrics.json", json.dumps(metrics_doc, indent=2, default=float))
+    atomic.write_text(run_dir / "metrics.json", json.dumps(metrics_doc, indent=2, default=float))
     shutil.rmtree(run_dir / "resume", ignore_errors=True)
     log.info("done: %s", json.dumps(results, default=float))
     return metrics_doc

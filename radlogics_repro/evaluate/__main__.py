@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import hydra
 from omegaconf import OmegaConf
 
-from radlogics_repro import RESEARCH_USE_NOTICE, analyze, data, provenance
+from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, data, provenance
 from radlogics_repro.cli import exit_on_user_error
 from radlogics_repro.evaluate import plots, runner
 
@@ -29,8 +26,8 @@ log = logging.getLogger(__name__)
 def run(cfg) -> dict:
     """Evaluate as configured; returns metrics.json's content."""
     out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and not cfg.overwrite:
-        raise analyze.AnalysisError(f"{out_dir}: results exist; pass overwrite=true or another name=")
+    if out_dir.exists() and not cfg.overwrite:  # checked before the long evaluation
+        raise FileExistsError(f"{out_dir}: results exist; pass overwrite=true or another name=")
     manifest_path = Path(cfg.data.manifest)
     manifest = data.read_manifest(manifest_path, required=("image", "lung_mask", "lesion_mask"))
     models = analyze.load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir)
@@ -47,9 +44,7 @@ def run(cfg) -> dict:
         "metrics": summary, "config": OmegaConf.to_container(cfg, resolve=True),
         "environment": provenance.environment(),
     }
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic.output_folder(out_dir, cfg.overwrite) as tmp:
         evaluation.cases.to_csv(tmp / "cases.csv", index=False, float_format="%.6g")
         evaluation.slices.to_csv(tmp / "slices.csv", index=False, float_format="%.6g")
         (tmp / "metrics.json").write_text(json.dumps(document, indent=2, default=float))
@@ -58,12 +53,6 @@ def run(cfg) -> dict:
         plots.corona_agreement_figure(evaluation, tmp / "corona_vs_reference.png")
         plots.corona_curves_figure(evaluation, tmp / "corona_curves.png")
         (tmp / "summary.md").write_text(plots.summary_markdown(document))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print((out_dir / "summary.md").read_text())
     return document
 
