@@ -308,7 +308,7 @@ def load_segmentation_slices(
 ) -> SliceSet:
     """Lung-segmentation slices of one split (images + lung masks), see
     :func:`segmentation_slices_from_study`."""
-    rows = _split_rows(manifest, split, max_cases)
+    rows = split_rows(manifest, split, max_cases)
     parts = []
     for _, row in rows.iterrows():
         study, masks = _load_case(row, ["lung_mask"])
@@ -335,7 +335,7 @@ def load_classification_slices(
             ``lung_mask`` (the trained U-Net's :func:`segment_lungs` otherwise).
         Others: see :func:`classification_slices_from_study`.
     """
-    rows = _split_rows(manifest, split, max_cases)
+    rows = split_rows(manifest, split, max_cases)
     parts = []
     for _, row in rows.iterrows():
         need = ["lesion_mask"] if lung_segmenter else ["lung_mask", "lesion_mask"]
@@ -393,7 +393,8 @@ def load_image_folder_slices(
     )
 
 
-def _split_rows(manifest: pd.DataFrame, split: str, max_cases: int | None) -> pd.DataFrame:
+def split_rows(manifest: pd.DataFrame, split: str, max_cases: int | None = None) -> pd.DataFrame:
+    """The manifest rows of ``split``, sorted by case id, at most ``max_cases`` of them."""
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; use one of {SPLITS}")
     rows = manifest[manifest["split"] == split].sort_values("case_id")

@@ -95,7 +95,7 @@ def evaluate_split(manifest: pd.DataFrame, split: str, models: analyze.AnalysisM
     """Evaluate every study of ``split`` (see :func:`evaluate_case`)."""
     from tqdm import tqdm
 
-    rows = data._split_rows(manifest, split, max_cases)
+    rows = data.split_rows(manifest, split, max_cases)
     cases, slices = [], []
     for _, row in tqdm(list(rows.iterrows()), desc=f"evaluate {split}", unit="study",
                        disable=not progress):
