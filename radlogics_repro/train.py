@@ -434,6 +434,7 @@ def train(cfg: DictConfig) -> dict:
     training_figure(task, model, val_slices, run_dir / "predictions.png")
     metrics_doc = {
         "notice": RESEARCH_USE_NOTICE, "task": task, "init": init, "operating_threshold": threshold,
+        "case_threshold": case_threshold,
         "data": _data_provenance(data_cfg), "metrics": results,
         "slices": {"train": len(train_slices), "val": len(val_slices),
                    "test": len(test_slices) if test_slices is not None else 0},
