@@ -316,6 +316,7 @@ def train(cfg: DictConfig) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
     config_yaml = OmegaConf.to_yaml({k: v for k, v in plain.items() if k not in ("run_dir", "overwrite")})
     resume = check_run_dir(run_dir, config_yaml, cfg.overwrite)
+    environment = provenance.environment()  # at the start: the code this run trains with
     task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
     if task not in ("lung_unet", "classifier"):
         raise TrainingError(f"task={task!r}: use +experiment=lung_unet or +experiment=classifier")
@@ -425,7 +426,7 @@ def train(cfg: DictConfig) -> dict:
                                                               case_threshold)
 
     # ---- outputs ------------------------------------------------------------------------------
-    card = model_card(task, data_cfg, init, threshold, plain)
+    card = model_card(task, data_cfg, init, threshold, plain, environment["commit"])
     card["case_threshold"] = case_threshold
     _atomic_save_model(model, run_dir / "model.keras")
     atomic.write_text(run_dir / "model.json", json.dumps(card, indent=2))
@@ -438,7 +439,8 @@ def train(cfg: DictConfig) -> dict:
         "data": _data_provenance(data_cfg), "metrics": results,
         "slices": {"train": len(train_slices), "val": len(val_slices),
                    "test": len(test_slices) if test_slices is not None else 0},
-        "environment": provenance.environment(),
+        "environment": environment,
+        "finished": provenance.environment()["date"],
     }
     atomic.write_text(run_dir / "metrics.json", json.dumps(metrics_doc, indent=2, default=float))
     shutil.rmtree(run_dir / "resume", ignore_errors=True)
@@ -478,7 +480,8 @@ def _data_provenance(data_cfg: dict) -> dict:
     return out
 
 
-def model_card(task: str, data_cfg: dict, init: str, threshold: float, config: dict) -> dict:
+def model_card(task: str, data_cfg: dict, init: str, threshold: float, config: dict,
+               commit: str) -> dict:
     """What inference needs to use the model as it was trained (stored as model.json)."""
     return {
         "schema_version": MODEL_CARD_VERSION,
@@ -494,7 +497,7 @@ def model_card(task: str, data_cfg: dict, init: str, threshold: float, config: d
         "operating_threshold": threshold,
         "init": init,
         "data": data_cfg.get("name"),
-        "commit": provenance.git_commit(),
+        "commit": commit,
         "model": config["model"],
     }
 
