@@ -30,6 +30,7 @@ def run(cfg) -> dict:
         raise FileExistsError(f"{out_dir}: results exist; pass overwrite=true or another name=")
     manifest_path = Path(cfg.data.manifest)
     manifest = data.read_manifest(manifest_path, required=("image", "lung_mask", "lesion_mask"))
+    environment = provenance.environment()  # at the start: the code that evaluates
     models = analyze.load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir)
     settings = analyze.settings_from_config(cfg.analysis)
     evaluation = runner.evaluate_split(manifest, cfg.split, models, settings,
@@ -42,7 +43,7 @@ def run(cfg) -> dict:
                    "classifier": models.classifier_path,
                    "classifier_init": models.classifier_card.get("init")},
         "metrics": summary, "config": OmegaConf.to_container(cfg, resolve=True),
-        "environment": provenance.environment(),
+        "environment": environment,
     }
     with atomic.output_folder(out_dir, cfg.overwrite) as tmp:
         evaluation.cases.to_csv(tmp / "cases.csv", index=False, float_format="%.6g")

@@ -68,7 +68,7 @@ def corona_agreement_figure(evaluation, path: Path) -> Path:
     top = max(float(np.nanmax(x)) if x.size else 1.0, float(np.nanmax(y)) if y.size else 1.0, 1.0)
     ax.plot([0, top], [0, top], color="0.6", lw=0.8, ls="--", label="identity")
     ax.set(xlabel="reference lesion volume (cm$^3$)", ylabel="Corona Score (cm$^3$)",
-           title="Corona Score vs reference")
+           title="Corona Score vs reference (red: COVID-like case, blue: not)")
     ax.legend(loc="upper left")
     ax = axes[1]
     mean, diff = (x + y) / 2.0, y - x
