@@ -388,9 +388,10 @@ def _blob_fields(blob: Blob, breath: Breath, grid: Grid, box):
     return rho * deform, q
 
 
-def render_lesions(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, blobs: list[Blob],
-                   breath: Breath, grid: Grid) -> None:
-    """Blend COVID lesions into ``hu`` (in place) and write their labels into ``lesion``."""
+def _blobs_in_lung(blobs: list[Blob], lung: np.ndarray, breath: Breath, grid: Grid):
+    """For every blob that touches the lung: ``(blob, box slice, in_lung, rho, q, w)``, where ``w``
+    is its soft-edged blend weight (0..1) restricted to the lung, ``rho`` its normalised radius
+    field and ``q`` its local coordinates. Blobs with no weight inside the lung are skipped."""
     for blob in blobs:
         box = _blob_box(blob, breath, grid)
         if box is None:
@@ -401,10 +402,15 @@ def render_lesions(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, blobs: 
             continue
         rho, q = _blob_fields(blob, breath, grid, box)
         e = F32(blob.edge)
-        w = smoothstep((F32(1) + e - rho) / (2 * e))
-        w *= in_lung
-        if not w.any():
-            continue
+        w = smoothstep((F32(1) + e - rho) / (2 * e)) * in_lung
+        if w.any():
+            yield blob, sl, in_lung, rho, q, w
+
+
+def render_lesions(hu: np.ndarray, lung: np.ndarray, lesion: np.ndarray, blobs: list[Blob],
+                   breath: Breath, grid: Grid) -> None:
+    """Blend COVID lesions into ``hu`` (in place) and write their labels into ``lesion``."""
+    for blob, sl, in_lung, rho, q, w in _blobs_in_lung(blobs, lung, breath, grid):
         base = hu[sl]
         target = F32(blob.hu) + F32(30.0) * _patchy(q, blob)
         if blob.paving > 0:
@@ -486,17 +492,7 @@ def _septal_lines(q, blob: Blob) -> np.ndarray:
 def render_confounders(hu: np.ndarray, lung: np.ndarray, conf: Confounders, breath: Breath,
                        grid: Grid) -> None:
     """Blend nodules, emphysema holes, scars and dependent atelectasis into ``hu`` (lung only)."""
-    for blob in conf.blobs:
-        box = _blob_box(blob, breath, grid)
-        if box is None:
-            continue
-        sl = np.s_[box[0]:box[1], box[2]:box[3], box[4]:box[5]]
-        in_lung = lung[sl] > 0
-        if not in_lung.any():
-            continue
-        rho, _ = _blob_fields(blob, breath, grid, box)
-        e = F32(blob.edge)
-        w = smoothstep((F32(1) + e - rho) / (2 * e)) * in_lung
+    for blob, sl, _, _, _, w in _blobs_in_lung(conf.blobs, lung, breath, grid):
         base = hu[sl]
         new = base + w * (F32(blob.hu) - base)
         if blob.kind == "hole":
