@@ -504,6 +504,18 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, -(-n // batch_size))
 
 
+def _batches(arrays: Sequence[np.ndarray], prepare: Callable, *, training: bool, batch_size: int,
+             seed: int, first_epoch: int, epochs: int) -> tf.data.Dataset:
+    """Training: :func:`epoch_batches`. Otherwise one pass in order, ``prepare(*items)`` without a
+    seed (no augmentation)."""
+    if training:
+        return epoch_batches(arrays, prepare, batch_size=batch_size, seed=seed,
+                             first_epoch=first_epoch, epochs=epochs)
+    return (tf.data.Dataset.from_tensor_slices(tuple(arrays))
+            .map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+            .prefetch(tf.data.AUTOTUNE))
+
+
 def segmentation_dataset(
     slices: SliceSet, *, batch_size: int, training: bool = False, augment: Callable | None = None,
     seed: int = 0, first_epoch: int = 0, epochs: int = 1,
@@ -520,12 +532,8 @@ def segmentation_dataset(
             image, mask = augment(image, mask, example_seed)
         return image, mask
 
-    if training:
-        return epoch_batches((slices.images, slices.masks), prepare, batch_size=batch_size,
-                             seed=seed, first_epoch=first_epoch, epochs=epochs)
-    return (tf.data.Dataset.from_tensor_slices((slices.images, slices.masks))
-            .map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-            .prefetch(tf.data.AUTOTUNE))
+    return _batches((slices.images, slices.masks), prepare, training=training, batch_size=batch_size,
+                    seed=seed, first_epoch=first_epoch, epochs=epochs)
 
 
 def classification_dataset(
@@ -551,12 +559,8 @@ def classification_dataset(
             return image, target
         return image, target, tf.gather(weights, tf.cast(label, tf.int32))
 
-    if training:
-        return epoch_batches((slices.images, slices.labels), prepare, batch_size=batch_size,
-                             seed=seed, first_epoch=first_epoch, epochs=epochs)
-    return (tf.data.Dataset.from_tensor_slices((slices.images, slices.labels))
-            .map(prepare, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-            .prefetch(tf.data.AUTOTUNE))
+    return _batches((slices.images, slices.labels), prepare, training=training, batch_size=batch_size,
+                    seed=seed, first_epoch=first_epoch, epochs=epochs)
 
 
 def balanced_class_weights(labels: np.ndarray) -> dict[int, float]:
