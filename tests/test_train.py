@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import keras
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
@@ -41,8 +42,10 @@ def test_every_experiment_composes_and_smoke_shrinks_it(experiment):
 
 def test_classifier_smoke_run_writes_every_output(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = compose_train(smoke_overrides("classifier", tiny_dataset, run_dir))
+    cfg = compose_train(smoke_overrides("classifier", tiny_dataset, run_dir, extra=[
+        "trainer.precision=mixed_bfloat16", "trainer.batchnorm_momentum=0.9"]))
     result = train.train(cfg)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
     for name in ("model.keras", "model.json", "history.csv", "config.yaml", "metrics.json",
                  "predictions.png"):
         assert (run_dir / name).exists(), name
@@ -71,7 +74,8 @@ def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
 
 def test_lung_unet_smoke_run_is_killed_and_resumes(tiny_dataset, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    overrides = smoke_overrides("lung_unet", tiny_dataset, run_dir)
+    overrides = smoke_overrides("lung_unet", tiny_dataset, run_dir, extra=[
+        "trainer.lr_schedule=cosine", "trainer.warmup_epochs=1"])
     original = train.ResumeCheckpoint.on_epoch_end
 
     def killed_after_first_epoch(self, epoch, logs=None):
@@ -103,3 +107,24 @@ def test_resume_refuses_a_different_config(tiny_dataset, tmp_path):
     cfg = compose_train(smoke_overrides("lung_unet", tiny_dataset, run_dir))
     with pytest.raises(train.TrainingError, match="different configuration"):
         train.train(cfg)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    schedule = train.learning_rate_schedule(1e-3, total_steps=100, warmup_steps=10, schedule="cosine")
+    assert float(schedule(0)) == pytest.approx(0.0)
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(55)) == pytest.approx(0.5e-3, rel=1e-3)  # half-way through the decay
+    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+    assert train.learning_rate_schedule(1e-3, 100, 10, "constant") == 1e-3
+    with pytest.raises(train.TrainingError, match="lr_schedule"):
+        train.learning_rate_schedule(1e-3, 100, 10, "step")
+
+
+def test_batchnorm_momentum_reaches_every_batchnorm_layer():
+    from radlogics_repro import models
+
+    model = models.build_slice_classifier(input_shape=(32, 32, 3), weights=None, dense_units=(4, 2))
+    train.set_batchnorm_momentum(model, 0.9)
+    momenta = {layer.momentum for layer in model.layers
+               if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta == {0.9}
