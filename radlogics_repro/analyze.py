@@ -2,6 +2,8 @@
 
     python -m radlogics_repro.analyze input=PATH [output_dir=analysis] [lung_model=...] [classifier_model=...]
     python -m radlogics_repro.analyze input=PATH analysis.case_threshold=0.2 analysis.engine=tf-keras-vis
+    python -m radlogics_repro.analyze input=MANIFEST shard=i/n      # machine i of n, then:
+    python -m radlogics_repro.analyze merge=true output_dir=...     # summary.csv of all shards
 
 ``PATH`` is a DICOM folder, a DICOM file, a NIfTI file, a folder of studies (its sub-folders and NIfTI
 files) or a manifest CSV (``case_id, image`` and optionally ``patient_id, day``). Without model paths
@@ -12,9 +14,10 @@ Steps of :func:`analyze_study` (METHOD.md sections 4-6):
 1. lung segmentation with the U-Net (:func:`radlogics_repro.lung_segmentation.segment_lungs`, right
    and left labelled); slices containing lung are those with >= ``min_lung_area_mm2`` of lung (the
    classifier's own training setting, from its ``model.json``);
-2. for every lung slice, the classifier's input (square lung crop, as in training) and, in one
-   forward/backward pass, its probability and Grad-CAM fine map; a slice is positive when its
-   probability reaches the classifier's stored operating threshold (``slice_threshold`` overrides);
+2. for every lung slice, the classifier's input (square lung crop, as in training) and its
+   probability (forward passes only); a slice is positive when its probability reaches the
+   classifier's stored operating threshold (``slice_threshold`` overrides); the Grad-CAM fine maps
+   (one fused forward/backward pass per batch) are computed for the positive slices only;
 3. case decision: positive slices / lung slices >= ``case_threshold`` (stored with the classifier,
    tuned on validation cases; the config may override) -> "suspected COVID-19";
 4. fine maps of the positive slices are mapped back into the slices' own pixels; the Corona Score is
@@ -104,14 +107,25 @@ def latest_run_model(runs_dir: str | os.PathLike, task: str) -> Path:
 
 
 def load_analysis_models(lung_model: str | None, classifier_model: str | None,
-                         runs_dir: str | os.PathLike = "runs") -> AnalysisModels:
-    """Load both models (newest finished runs when a path is None), in Keras safe mode."""
+                         runs_dir: str | os.PathLike = "runs", precision: str = "model") -> AnalysisModels:
+    """Load both models (newest finished runs when a path is None), in Keras safe mode.
+
+    ``precision``: ``model`` runs each network at the precision it was trained with; ``float32``
+    or ``mixed_bfloat16`` rebuilds both at that precision (:func:`models.with_compute_precision`).
+    """
     from radlogics_repro import models
 
     lung_path = Path(lung_model) if lung_model else latest_run_model(runs_dir, "lung_unet")
     cls_path = Path(classifier_model) if classifier_model else latest_run_model(runs_dir, "classifier")
+    lung_unet, classifier = models.load_model(lung_path), models.load_model(cls_path)
+    if precision != "model":
+        if precision not in models.POLICIES:
+            raise AnalysisError(f"analysis.precision={precision!r}: use model, "
+                                + ", ".join(models.POLICIES))
+        lung_unet = models.with_compute_precision(lung_unet, precision)
+        classifier = models.with_compute_precision(classifier, precision)
     return AnalysisModels(
-        lung_unet=models.load_model(lung_path), classifier=models.load_model(cls_path),
+        lung_unet=lung_unet, classifier=classifier,
         lung_card=_model_card(lung_path), classifier_card=_model_card(cls_path),
         lung_path=str(lung_path), classifier_path=str(cls_path),
     )
@@ -137,8 +151,10 @@ class AnalysisSettings:
     ggo_hu: tuple[float, float] = (-750.0, -300.0)
     consolidation_hu: tuple[float, float] = (-300.0, 100.0)
     engine: str = "fused"
-    batch_size: int = 16
+    batch_size: int = 8
     n_overlays: int = 3
+    precision: str = "model"
+    skip_lung_free_slices: bool = True
 
 
 # =============================================================================================
@@ -174,34 +190,54 @@ def case_id_for(study: io.Study) -> str:
     return "case-" + hashlib.sha256(key.encode()).hexdigest()[:10]
 
 
-def classify_lung_slices(study: io.Study, lung_labels: np.ndarray, models: AnalysisModels,
-                         settings: AnalysisSettings) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """Probabilities and fine maps of the slices that contain lung.
+def lung_slice_indices(study: io.Study, lung_labels: np.ndarray, card: dict) -> np.ndarray:
+    """Indices of the slices with at least the classifier's ``min_lung_area_mm2`` of lung."""
+    min_lung = card.get("min_lung_area_mm2") or preprocess.DEFAULT_MIN_LUNG_AREA_MM2
+    return np.flatnonzero(preprocess.slices_with_lung(lung_labels, study.pixel_area_mm2, min_lung))
+
+
+def classifier_crops(study: io.Study, lung_labels: np.ndarray, z: np.ndarray, model, card: dict
+                     ) -> tuple[np.ndarray, list]:
+    """The classifier's three-channel inputs for slices ``z`` (as in training) and their crop boxes.
 
     Returns:
-        lung slice indices ``(n,)``, probabilities ``(n,)``, fine maps ``(n, S, S)`` on the crops,
-        and the n crop boxes (slice pixels).
+        float32 ``(n, S, S, 3)`` in [0, 1] and the n boxes (slice pixels).
     """
-    card = models.classifier_card
-    size = int(models.classifier.input_shape[1])
-    min_lung = card.get("min_lung_area_mm2") or preprocess.DEFAULT_MIN_LUNG_AREA_MM2
-    has_lung = preprocess.slices_with_lung(lung_labels, study.pixel_area_mm2, min_lung)
-    z = np.flatnonzero(has_lung)
-    probabilities, fine, boxes = [], [], []
-    for start in range(0, len(z), settings.batch_size):
-        chunk = z[start:start + settings.batch_size]
-        crops, chunk_boxes = data.classifier_inputs_from_study(
-            study.hu, lung_labels, tuple(study.spacing[1:]), chunk, size=size,
-            input_mode=card.get("input_mode") or "lung_crop",
-            margin_mm=card.get("crop_margin_mm") or preprocess.DEFAULT_CROP_MARGIN_MM)
-        result = localize.gradcam_maps(models.classifier, np.repeat(crops[..., None], 3, axis=-1),
-                                       engine=settings.engine, batch_size=settings.batch_size)
-        probabilities.append(result.probabilities)
-        fine.append(result.fine.astype(np.float32))
+    crops, boxes = data.classifier_inputs_from_study(
+        study.hu, lung_labels, tuple(study.spacing[1:]), z, size=int(model.input_shape[1]),
+        input_mode=card.get("input_mode") or "lung_crop",
+        margin_mm=card.get("crop_margin_mm") or preprocess.DEFAULT_CROP_MARGIN_MM)
+    return np.repeat(crops[..., None], 3, axis=-1), boxes
+
+
+def classify_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndarray, models: AnalysisModels,
+                    batch_size: int) -> tuple[np.ndarray, list]:
+    """Classifier probability of slices ``z`` (forward passes only): float32 ``(n,)`` and n boxes."""
+    probabilities, boxes = [np.zeros(0, np.float32)], []
+    for start in range(0, len(z), batch_size):
+        crops, chunk_boxes = classifier_crops(study, lung_labels, z[start:start + batch_size],
+                                              models.classifier, models.classifier_card)
+        probabilities.append(np.asarray(models.classifier.predict_on_batch(crops), np.float32)[:, 0])
         boxes.extend(chunk_boxes)
-    if not len(z):
-        return z, np.zeros(0, np.float32), np.zeros((0, size, size), np.float32), []
-    return z, np.concatenate(probabilities), np.concatenate(fine), boxes
+    return np.concatenate(probabilities), boxes
+
+
+def fine_maps_of_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndarray, models: AnalysisModels,
+                        settings: AnalysisSettings) -> np.ndarray:
+    """Grad-CAM fine maps on the crops of slices ``z``: float32 ``(n, S, S)`` in [0, 1].
+
+    Only the positive slices need a map (METHOD.md section 4), so Grad-CAM's forward and backward
+    pass runs on those alone, after one cheap forward pass has classified every lung slice.
+    """
+    size = int(models.classifier.input_shape[1])
+    maps = [np.zeros((0, size, size), np.float32)]
+    for start in range(0, len(z), settings.batch_size):
+        crops, _ = classifier_crops(study, lung_labels, z[start:start + settings.batch_size],
+                                    models.classifier, models.classifier_card)
+        result = localize.gradcam_maps(models.classifier, crops, engine=settings.engine,
+                                       batch_size=settings.batch_size)
+        maps.append(result.fine.astype(np.float32))
+    return np.concatenate(maps)
 
 
 def corona_score_cm3(fine_map: np.ndarray, positive: np.ndarray, spacing_mm: Sequence[float]) -> float:
@@ -223,17 +259,29 @@ def infection_labels_from_map(fine_map: np.ndarray, hu: np.ndarray, lung: np.nda
     """Infection mask from the fine maps (see the module docstring, step 5): uint8, 1 GGO,
     2 consolidation."""
     seed = (fine_map >= settings.map_threshold) & lung
-    if not seed.any():
-        return np.zeros(hu.shape, np.uint8)
-    sigma = [settings.blur_sigma_mm / float(s) for s in spacing_mm]
-    smooth = ndimage.gaussian_filter(seed.astype(np.float32), sigma=sigma) >= 0.5
-    region = smooth & lung
     labels = np.zeros(hu.shape, np.uint8)
+    if not seed.any():
+        return labels
+    sigma = [settings.blur_sigma_mm / float(s) for s in spacing_mm]
+    box = _box_around(seed, margins=[int(np.ceil(4 * s)) + 1 for s in sigma])  # the blur's reach
+    smooth = ndimage.gaussian_filter(seed[box].astype(np.float32), sigma=sigma) >= 0.5
+    region = smooth & lung[box]
     ggo_lo, ggo_hi = settings.ggo_hu
     con_lo, con_hi = settings.consolidation_hu
-    labels[region & (hu >= ggo_lo) & (hu < ggo_hi)] = 1
-    labels[region & (hu >= con_lo) & (hu <= con_hi)] = 2
+    local_hu, local = hu[box], labels[box]
+    local[region & (local_hu >= ggo_lo) & (local_hu < ggo_hi)] = 1
+    local[region & (local_hu >= con_lo) & (local_hu <= con_hi)] = 2
     return labels
+
+
+def _box_around(mask: np.ndarray, margins: Sequence[int]) -> tuple[slice, ...]:
+    """The bounding box of a non-empty mask widened by ``margins`` voxels per axis (clipped)."""
+    box = []
+    for axis, margin in enumerate(margins):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(max(0, int(hits[0]) - margin), min(mask.shape[axis], int(hits[-1]) + 1 + margin)))
+    return tuple(box)
 
 
 def decide_case(n_positive: int, n_lung: int, threshold: float) -> tuple[bool, float]:
@@ -257,22 +305,27 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
     io.require_volume(study)
     lung_size = int(models.lung_unet.input_shape[1])
     lung_labels = segment_lungs(study, models.lung_unet, batch_size=settings.batch_size,
-                                label_sides=True, input_size=lung_size)
+                                label_sides=True, input_size=lung_size,
+                                skip_lung_free_slices=settings.skip_lung_free_slices)
     lap("lung_segmentation")
 
-    z, probabilities, crop_maps, boxes = classify_lung_slices(study, lung_labels, models, settings)
-    lap("classification_and_gradcam")
-
     card = models.classifier_card
+    z = lung_slice_indices(study, lung_labels, card)
+    probabilities, boxes = classify_slices(study, lung_labels, z, models, settings.batch_size)
+    lap("classification")
+
     slice_threshold = _first(settings.slice_threshold, card.get("operating_threshold"), 0.5)
     case_threshold = _first(settings.case_threshold, card.get("case_threshold"),
                             settings.default_case_threshold)
     positive_lung = probabilities >= slice_threshold
+    crop_maps = fine_maps_of_slices(study, lung_labels, z[positive_lung], models, settings)
+    lap("gradcam")
+
     height, width = study.hu.shape[1:]
     fine_map = np.zeros(study.hu.shape, np.float32)
-    for zi, crop_map, box, pos in zip(z, crop_maps, boxes, positive_lung, strict=True):
-        if pos:
-            fine_map[zi] = localize.fine_map_in_slice(crop_map, box, height, width)
+    positive_boxes = [box for box, pos in zip(boxes, positive_lung, strict=True) if pos]
+    for zi, crop_map, box in zip(z[positive_lung], crop_maps, positive_boxes, strict=True):
+        fine_map[zi] = localize.fine_map_in_slice(crop_map, box, height, width)
     positive = np.zeros(study.hu.shape[0], bool)
     positive[z[positive_lung]] = True
     suspected, ratio = decide_case(int(positive.sum()), len(z), case_threshold)
@@ -437,13 +490,14 @@ def _read_analysis_manifest(path: Path) -> pd.DataFrame:
 
 
 def run_batch(inputs: pd.DataFrame, models: AnalysisModels, settings: AnalysisSettings,
-              output_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True
-              ) -> pd.DataFrame:
+              output_dir: str | os.PathLike, overwrite: bool = False, progress: bool = True,
+              summary_name: str = "summary.csv") -> pd.DataFrame:
     """Analyse every study; a bad study is reported and skipped, a finished one is not redone.
 
     Returns:
         the summary table (one row per study: case id, status, decision, scores, volumes, error),
-        also written as ``<output_dir>/summary.csv``.
+        also written as ``<output_dir>/<summary_name>``. A shard's summary (``summary_name`` other
+        than ``summary.csv``) leaves the longitudinal curves to :func:`merge_shard_summaries`.
     """
     from tqdm import tqdm
 
@@ -453,10 +507,11 @@ def run_batch(inputs: pd.DataFrame, models: AnalysisModels, settings: AnalysisSe
                          desc="studies", unit="study"):
         rows.append(_analyze_one(entry, models, settings, output_dir, overwrite))
     summary = pd.DataFrame(rows)
-    if len(inputs) > 1 or "patient_id" in inputs.columns:
+    sharded = summary_name != "summary.csv"
+    if len(inputs) > 1 or "patient_id" in inputs.columns or sharded:
         output_dir.mkdir(parents=True, exist_ok=True)
-        _write_csv_atomic(summary, output_dir / "summary.csv")
-    if {"patient_id", "day"} <= set(inputs.columns):
+        _write_csv_atomic(summary, output_dir / summary_name)
+    if {"patient_id", "day"} <= set(inputs.columns) and not sharded:
         write_longitudinal_curves(summary, output_dir / "longitudinal")
     return summary
 
@@ -531,22 +586,84 @@ def settings_from_config(cfg) -> AnalysisSettings:
         map_threshold=float(cfg.map_threshold), blur_sigma_mm=float(cfg.blur_sigma_mm),
         ggo_hu=tuple(float(v) for v in cfg.ggo_hu),
         consolidation_hu=tuple(float(v) for v in cfg.consolidation_hu),
-        engine=str(cfg.engine), batch_size=int(cfg.batch_size), n_overlays=int(cfg.n_overlays))
+        engine=str(cfg.engine), batch_size=int(cfg.batch_size), n_overlays=int(cfg.n_overlays),
+        precision=str(cfg.precision), skip_lung_free_slices=bool(cfg.skip_lung_free_slices))
+
+
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n) with 0 <= i < n: this machine's part of a batch split n ways."""
+    try:
+        index, count = (int(v) for v in str(shard).split("/"))
+    except ValueError:
+        raise AnalysisError(f"shard={shard!r}: expected i/n with integers, e.g. shard=0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise AnalysisError(f"shard={shard!r}: need 0 <= i < n, e.g. shard=0/4 ... shard=3/4")
+    return index, count
+
+
+def select_shard(inputs: pd.DataFrame, index: int, count: int) -> pd.DataFrame:
+    """Every ``count``-th study starting at ``index`` (round robin over the sorted inputs), so the n
+    shards of the same input are disjoint and together cover it."""
+    return inputs.iloc[index::count].reset_index(drop=True)
+
+
+def shard_summary_name(index: int, count: int) -> str:
+    return f"summary.shard-{index}-of-{count}.csv"
+
+
+def merge_shard_summaries(output_dir: str | os.PathLike) -> pd.DataFrame:
+    """Join the shard summaries in ``output_dir`` into ``summary.csv`` (and the longitudinal curves
+    when the inputs name patients and days). Refuses when a shard is missing or counts disagree."""
+    output_dir = Path(output_dir)
+    parts = sorted(output_dir.glob("summary.shard-*-of-*.csv"))
+    if not parts:
+        raise AnalysisError(f"{output_dir}: no shard summaries (summary.shard-<i>-of-<n>.csv) to merge")
+    found = {}
+    for part in parts:
+        index, count = (int(v) for v in part.name[len("summary.shard-"):-len(".csv")].split("-of-"))
+        found[(index, count)] = part
+    counts = {count for _, count in found}
+    if len(counts) != 1:
+        raise AnalysisError(f"{output_dir}: shard summaries from different splits {sorted(counts)}; "
+                            "remove the stale ones")
+    count = counts.pop()
+    missing = sorted(set(range(count)) - {index for index, _ in found})
+    if missing:
+        raise AnalysisError(f"{output_dir}: shard(s) {missing} of {count} have not finished; rerun "
+                            f"them with shard=<i>/{count} before merging")
+    summary = pd.concat([pd.read_csv(found[(i, count)], dtype={"case_id": str, "patient_id": str})
+                         for i in range(count)], ignore_index=True)
+    _write_csv_atomic(summary, output_dir / "summary.csv")
+    if {"patient_id", "day"} <= set(summary.columns):
+        write_longitudinal_curves(summary, output_dir / "longitudinal")
+    return summary
 
 
 def run(cfg) -> pd.DataFrame:
     """Analyse ``cfg.input`` (one study or many) into ``cfg.output_dir``; returns the summary."""
     from omegaconf import OmegaConf
 
+    if cfg.merge:
+        summary = merge_shard_summaries(cfg.output_dir)
+        print(f"merged {len(summary)} studies into {Path(cfg.output_dir) / 'summary.csv'}")
+        return summary
     if OmegaConf.is_missing(cfg, "input") or not cfg.input:
         raise AnalysisError("input: missing; usage: python -m radlogics_repro.analyze input=PATH "
                             "(a DICOM folder or file, a NIfTI file, a folder of studies or a manifest CSV)")
     inputs = discover_inputs(cfg.input)
-    models = load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir)
+    summary_name = "summary.csv"
+    if cfg.shard is not None:
+        index, count = parse_shard(cfg.shard)
+        inputs = select_shard(inputs, index, count)
+        summary_name = shard_summary_name(index, count)
+        log.info("shard %d of %d: %d studies", index, count, len(inputs))
+    settings = settings_from_config(cfg.analysis)
+    models = load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir,
+                                  precision=settings.precision)
     log.info("%s | %d stud%s | lung model %s | classifier %s", RESEARCH_USE_NOTICE, len(inputs),
              "y" if len(inputs) == 1 else "ies", models.lung_path, models.classifier_path)
-    summary = run_batch(inputs, models, settings_from_config(cfg.analysis), cfg.output_dir,
-                        overwrite=bool(cfg.overwrite))
+    summary = run_batch(inputs, models, settings, cfg.output_dir, overwrite=bool(cfg.overwrite),
+                        summary_name=summary_name)
     for _, row in summary.iterrows():
         if row["status"] == "error":
             print(f"error: {row['error']}")

@@ -8,6 +8,10 @@ is at least :data:`MIN_SECOND_LUNG_FRACTION` of the largest (the other lung), dr
 (bowel gas, trachea fragments, table artefacts), then fill holes slice by slice (vessels and dense
 lesions inside the lung that the network may leave out).
 
+Slices where no lung can be (above the apices, below the bases: no enclosed air and no HU in the
+parenchyma range, see :func:`slices_that_may_contain_lung`) are not sent through the network; this
+pre-filter is conservative (it keeps two extra slices on each side) and can be switched off.
+
 Right/left labels (``label_sides=True``): canonical arrays have x increasing toward the patient's
 left, so the component whose centre lies at lower x is the right lung (1), the other the left (2).
 When the lungs touch and form one component, each slice is split at the midpoint between the
@@ -28,42 +32,98 @@ from radlogics_repro import io, preprocess
 log = logging.getLogger(__name__)
 
 MIN_SECOND_LUNG_FRACTION = 0.05
+MIN_CANDIDATE_AREA_MM2 = 100.0  # pre-filter: smallest air/parenchyma area worth running the U-Net on
+CANDIDATE_MARGIN_SLICES = 2
 RIGHT_LUNG, LEFT_LUNG = 1, 2
 
 
-def lung_probabilities(hu: np.ndarray, model, *, batch_size: int = 16,
-                       input_size: int = preprocess.MODEL_INPUT_SIZE) -> np.ndarray:
-    """U-Net lung probability per pixel for every slice, in the slices' own size.
+def slices_that_may_contain_lung(hu: np.ndarray, spacing_mm, *, min_area_mm2: float = MIN_CANDIDATE_AREA_MM2,
+                                 margin_slices: int = CANDIDATE_MARGIN_SLICES) -> np.ndarray:
+    """Cheap, conservative pre-filter: slices where the U-Net could find lung.
+
+    A slice is a candidate when, on a 4x in-plane subsample, the air enclosed by the body (HU < -400
+    inside the hole-filled region HU > -500) covers at least ``min_area_mm2``. Air outside the body
+    and the foam of the patient table (about -850 HU, lung-like, but not enclosed by the body) do not
+    count; the trachea, the lungs and bowel gas do. Candidates are widened by ``margin_slices`` on
+    each side. When no slice qualifies (a body cut open by a small field of view, values not in
+    HU), every slice is a candidate: the filter can only save time, never drop lung on purpose.
+
+    Args:
+        hu: ``(Z, H, W)`` HU.
+        spacing_mm: (z, y, x) mm.
+
+    Returns:
+        bool ``(Z,)``.
+    """
+    step = 4
+    sub = hu[:, ::step, ::step]
+    pixel_mm2 = float(spacing_mm[1]) * float(spacing_mm[2]) * step * step
+    min_pixels = max(1, int(np.ceil(min_area_mm2 / pixel_mm2)))
+    candidates = np.zeros(hu.shape[0], bool)
+    for z, plane in enumerate(sub):
+        body = ndimage.binary_fill_holes(plane > -500)
+        candidates[z] = np.count_nonzero(body & (plane < -400)) >= min_pixels
+    if not candidates.any():
+        return np.ones(hu.shape[0], bool)
+    if margin_slices:
+        candidates = ndimage.binary_dilation(candidates, iterations=margin_slices)
+    return candidates
+
+
+def predict_lung_mask(hu: np.ndarray, model, *, batch_size: int = 8,
+                      input_size: int = preprocess.MODEL_INPUT_SIZE,
+                      slices: np.ndarray | None = None) -> np.ndarray:
+    """The U-Net's raw lung mask (probability >= 0.5 after resizing back), slice by slice.
+
+    Probabilities are thresholded batch by batch, so memory holds one bool volume, never a float one.
 
     Args:
         hu: ``(Z, H, W)`` HU.
         model: the lung U-Net (input ``(N, S, S, 3)`` in [0, 1], output ``(N, S, S, 1)``).
+        slices: bool ``(Z,)``, the slices to run (None: all); the others stay empty.
 
     Returns:
-        float32 ``(Z, H, W)`` in [0, 1].
+        bool ``(Z, H, W)``.
     """
     height, width = hu.shape[1:]
-    out = np.empty(hu.shape, np.float32)
-    for start in range(0, hu.shape[0], batch_size):
-        batch = preprocess.hu_slices_to_model_input(hu[start:start + batch_size], input_size)
+    mask = np.zeros(hu.shape, bool)
+    todo = np.arange(hu.shape[0]) if slices is None else np.flatnonzero(slices)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        batch = preprocess.hu_slices_to_model_input(hu[chunk], input_size)
         probs = model(batch, training=False)
-        out[start:start + batch_size] = tf.image.resize(
-            tf.cast(probs, tf.float32), (height, width), method="bilinear")[..., 0].numpy()
-    return out
+        resized = tf.image.resize(tf.cast(probs, tf.float32), (height, width), method="bilinear")
+        mask[chunk] = resized[..., 0].numpy() >= 0.5
+    return mask
+
+
+def _bounding_slices(mask: np.ndarray) -> tuple[slice, slice, slice]:
+    """The smallest (z, y, x) box holding every True voxel of a non-empty mask."""
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def keep_lung_components(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 3D component and the second largest if it is at least
-    :data:`MIN_SECOND_LUNG_FRACTION` of the first. bool ``(Z, H, W)`` -> bool."""
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return np.zeros(mask.shape, bool)
+    :data:`MIN_SECOND_LUNG_FRACTION` of the first. bool ``(Z, H, W)`` -> bool.
+
+    Labelling runs inside the mask's bounding box, so its int32 label array stays small."""
+    out = np.zeros(mask.shape, bool)
+    if not mask.any():
+        return out
+    box = _bounding_slices(mask)
+    labels, n = ndimage.label(mask[box])
     sizes = np.bincount(labels.ravel())[1:]
     order = np.argsort(sizes)[::-1]
     keep = [order[0] + 1]
     if n > 1 and sizes[order[1]] >= MIN_SECOND_LUNG_FRACTION * sizes[order[0]]:
         keep.append(order[1] + 1)
-    return np.isin(labels, keep)
+    out[box] = np.isin(labels, keep)
+    return out
 
 
 def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
@@ -73,15 +133,20 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 def label_right_left(mask: np.ndarray) -> np.ndarray:
     """Lung mask -> uint8 labels, right lung 1 and left lung 2 (see the module docstring)."""
-    labels, n = ndimage.label(mask)
     out = np.zeros(mask.shape, np.uint8)
+    if not mask.any():
+        return out
+    box = _bounding_slices(mask)
+    labels, n = ndimage.label(mask[box])
     if n >= 2:
         sizes = np.bincount(labels.ravel())[1:]
         first, second = np.argsort(sizes)[::-1][:2] + 1
-        cx = [np.argwhere(labels == c)[:, 2].mean() for c in (first, second)]
+        x = np.arange(labels.shape[2])
+        cx = [float((np.count_nonzero(labels == c, axis=(0, 1)) * x).sum()) / sizes[c - 1]
+              for c in (first, second)]
         right, left = (first, second) if cx[0] < cx[1] else (second, first)
-        out[labels == right] = RIGHT_LUNG
-        out[labels == left] = LEFT_LUNG
+        out[box][labels == right] = RIGHT_LUNG
+        out[box][labels == left] = LEFT_LUNG
         return out
     for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
         cols = np.flatnonzero(mask[z].any(axis=0))
@@ -93,9 +158,9 @@ def label_right_left(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def segment_lungs(study: io.Study, model, *, batch_size: int = 16, postprocess: bool = True,
-                  label_sides: bool = False, input_size: int = preprocess.MODEL_INPUT_SIZE
-                  ) -> np.ndarray:
+def segment_lungs(study: io.Study, model, *, batch_size: int = 8, postprocess: bool = True,
+                  label_sides: bool = False, input_size: int = preprocess.MODEL_INPUT_SIZE,
+                  skip_lung_free_slices: bool = True) -> np.ndarray:
     """Lung mask of a study in its own geometry.
 
     Args:
@@ -104,11 +169,17 @@ def segment_lungs(study: io.Study, model, *, batch_size: int = 16, postprocess: 
         batch_size: slices per forward pass.
         postprocess: keep the lung components and fill holes (see module docstring).
         label_sides: right = 1, left = 2 instead of 0/1.
+        skip_lung_free_slices: run the network only on :func:`slices_that_may_contain_lung`.
 
     Returns:
         uint8 ``(Z, H, W)``: 0 background, 1 lung (or 1 right / 2 left).
     """
-    mask = lung_probabilities(study.hu, model, batch_size=batch_size, input_size=input_size) >= 0.5
+    candidates = (slices_that_may_contain_lung(study.hu, study.spacing) if skip_lung_free_slices
+                  else None)
+    if candidates is not None:
+        log.info("lung segmentation: %d of %d slices may contain lung", candidates.sum(), len(candidates))
+    mask = predict_lung_mask(study.hu, model, batch_size=batch_size, input_size=input_size,
+                             slices=candidates)
     if postprocess:
         mask = fill_holes_per_slice(keep_lung_components(mask))
     if label_sides:
@@ -124,7 +195,7 @@ def lung_volumes_ml(labels: np.ndarray, spacing_mm: tuple[float, float, float]) 
     return {"total": right + left, "right": right, "left": left}
 
 
-def load_lung_segmenter(model_path: str, batch_size: int = 16) -> Callable[[io.Study], np.ndarray]:
+def load_lung_segmenter(model_path: str, batch_size: int = 8) -> Callable[[io.Study], np.ndarray]:
     """A ``study -> uint8 lung mask`` function backed by a saved U-Net (``.keras``)."""
     from radlogics_repro import models
 

@@ -178,3 +178,56 @@ def test_analyze_without_models_names_the_training_commands(tmp_path):
     result = _cli([f"input={tmp_path}", f"paths.runs_dir={tmp_path / 'runs'}"], cwd=tmp_path)
     assert result.returncode == 2
     assert "python -m radlogics_repro.train +experiment=" in result.stderr
+
+
+# ---- batches split across machines, and the compute precision ----------------------------------
+
+
+def test_shards_are_disjoint_cover_the_batch_and_merge(tiny_models, dicom_case, tmp_path):
+    out, frame = dicom_case
+    manifest = tmp_path / "studies.csv"
+    pd.DataFrame({"case_id": ["s1", "s2", "s3"], "patient_id": ["p1", "p1", "p2"], "day": [0, 5, 0],
+                  "image": [str(out / frame["image"].iloc[i]) for i in (0, 1, 1)]}
+                 ).to_csv(manifest, index=False)
+    inputs = analyze.discover_inputs(manifest)
+    parts = [analyze.select_shard(inputs, i, 2) for i in range(2)]
+    assert sorted(sum((list(p["case_id"]) for p in parts), [])) == ["s1", "s2", "s3"]
+    loaded = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]))
+    settings = analyze.AnalysisSettings()
+    analysis = tmp_path / "analysis"
+    analyze.run_batch(parts[0], loaded, settings, analysis, progress=False,
+                      summary_name=analyze.shard_summary_name(0, 2))
+    with pytest.raises(analyze.AnalysisError, match=r"shard\(s\) \[1\] of 2 have not finished"):
+        analyze.merge_shard_summaries(analysis)
+    analyze.run_batch(parts[1], loaded, settings, analysis, progress=False,
+                      summary_name=analyze.shard_summary_name(1, 2))
+    assert not (analysis / "longitudinal").exists()      # curves need every shard
+    merged = analyze.merge_shard_summaries(analysis)
+    assert sorted(merged["case_id"]) == ["s1", "s2", "s3"] and set(merged["status"]) == {"ok"}
+    assert (analysis / "summary.csv").exists()
+    assert (analysis / "longitudinal" / "p1.csv").exists()   # p1 has two scans
+
+
+@pytest.mark.parametrize("shard", ["2/2", "-1/3", "a/b", "1", "0/0"])
+def test_bad_shard_is_refused(shard):
+    with pytest.raises(analyze.AnalysisError, match="shard="):
+        analyze.parse_shard(shard)
+
+
+def test_models_run_at_a_chosen_precision(tiny_models, dicom_case):
+    from radlogics_repro import io
+
+    out, frame = dicom_case
+    as_trained = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]))
+    bf16 = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]),
+                                        precision="mixed_bfloat16")
+    assert bf16.classifier.get_layer("conv4_block6_out").compute_dtype == "bfloat16"
+    assert bf16.lung_unet.output.dtype == "float32" and bf16.classifier.output.dtype == "float32"
+    study = io.load_study(out / frame["image"].iloc[0])
+    settings = analyze.AnalysisSettings()
+    a = analyze.analyze_study(study, as_trained, settings, case_id="a")
+    b = analyze.analyze_study(study, bf16, settings, case_id="b")
+    assert np.mean(a.lung_labels == b.lung_labels) > 0.95
+    with pytest.raises(analyze.AnalysisError, match="precision"):
+        analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]),
+                                     precision="int8")

@@ -75,3 +75,42 @@ def test_segment_lungs_returns_the_study_grid():
     truth = ls.label_right_left(_two_lungs())
     agreement = (mask == truth).mean()
     assert agreement > 0.98
+
+
+def test_prefilter_keeps_every_lung_slice_and_skips_slices_without_lung():
+    from radlogics_repro import synth
+
+    case = synth.generate_case(5, label=1, in_plane=128, n_slices=60)
+    has_lung = case.lung_mask.reshape(case.lung_mask.shape[0], -1).any(axis=1)
+    candidates = ls.slices_that_may_contain_lung(case.hu, case.spacing)
+    assert candidates[has_lung].all()            # never drops a slice with lung
+    assert (~has_lung).any() and not candidates.all()  # and the phantom has some to skip
+
+
+def test_prefilter_on_hand_made_slices():
+    spacing = (5.0, 1.0, 1.0)
+    hu = np.full((3, 64, 64), -1000.0, np.float32)   # outside air
+    hu[:, 8:56, 8:56] = 40.0                         # a body of soft tissue ...
+    hu[1, 20:40, 20:40] = -850.0                     # ... with lung in slice 1 (400 mm^2)
+    hu[2, 20:40, 0:30] = -850.0                      # slice 2: lung-like air open to the outside
+    hu[:, 58:62, 4:60] = -850.0                      # table foam under the body, every slice
+    found = ls.slices_that_may_contain_lung(hu, spacing, margin_slices=0)
+    assert found.tolist() == [False, True, False]
+    assert ls.slices_that_may_contain_lung(hu, spacing, margin_slices=1).tolist() == [True, True, True]
+    no_body = np.full((3, 64, 64), -1000.0, np.float32)
+    assert ls.slices_that_may_contain_lung(no_body, spacing).all()  # nothing found: run them all
+
+
+def test_skipped_slices_get_no_lung_and_cost_no_forward_pass():
+    calls = []
+
+    def model(batch, training=False):
+        calls.append(int(batch.shape[0]))
+        return np.ones((batch.shape[0], 32, 32, 1), np.float32)
+
+    hu = np.full((10, 32, 32), 40.0, np.float32)
+    run = np.zeros(10, bool)
+    run[3:6] = True
+    mask = ls.predict_lung_mask(hu, model, batch_size=2, input_size=32, slices=run)
+    assert sum(calls) == 3
+    assert mask[3:6].all() and not mask[:3].any() and not mask[6:].any()

@@ -17,7 +17,7 @@ import hydra
 from omegaconf import OmegaConf
 
 from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, data, provenance
-from radlogics_repro.cli import exit_on_user_error
+from radlogics_repro.cli import EVALUATE_CONFIG_RULES, check_config, exit_on_user_error
 from radlogics_repro.evaluate import plots, runner
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,9 @@ def run(cfg) -> dict:
     manifest_path = Path(cfg.data.manifest)
     manifest = data.read_manifest(manifest_path, required=("image", "lung_mask", "lesion_mask"))
     environment = provenance.environment()  # at the start: the code that evaluates
-    models = analyze.load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir)
     settings = analyze.settings_from_config(cfg.analysis)
+    models = analyze.load_analysis_models(cfg.lung_model, cfg.classifier_model, cfg.paths.runs_dir,
+                                          precision=settings.precision)
     evaluation = runner.evaluate_split(manifest, cfg.split, models, settings,
                                        max_cases=cfg.max_cases)
     summary = runner.summarize(evaluation, n_boot=int(cfg.n_boot))
@@ -61,6 +62,7 @@ def run(cfg) -> dict:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="evaluate")
 def main(cfg) -> None:
     with exit_on_user_error():
+        check_config(cfg, EVALUATE_CONFIG_RULES)
         run(cfg)
 
 

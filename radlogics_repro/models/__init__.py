@@ -5,11 +5,13 @@
   names the layers the fine Grad-CAM uses (section 4).
 * Both take the windowed [0, 1] three-channel image: the ImageNet preprocessing is a layer inside
   each model. Pretrained-weights sources and the offline fallback: :mod:`.weights`.
-* :func:`load_model` loads a saved ``.keras`` model in safe mode; :func:`count_flops` counts FLOPs.
+* :func:`load_model` loads a saved ``.keras`` model in safe mode; :func:`count_flops` counts FLOPs;
+  :func:`with_compute_precision` runs a model at another precision (float32 / bfloat16).
 """
 
 from radlogics_repro.models.classifier import GRADCAM_LAYERS, build_slice_classifier
 from radlogics_repro.models.flops import count_flops
+from radlogics_repro.models.precision import POLICIES, with_compute_precision
 from radlogics_repro.models.unet import build_lung_unet
 from radlogics_repro.models.weights import (
     CUSTOM_OBJECTS,
@@ -23,6 +25,7 @@ from radlogics_repro.models.weights import (
 __all__ = [
     "CUSTOM_OBJECTS",
     "GRADCAM_LAYERS",
+    "POLICIES",
     "ImageNetCaffePreprocess",
     "ModelLoadError",
     "PretrainedWeightsError",
@@ -31,4 +34,5 @@ __all__ = [
     "count_flops",
     "init_record",
     "load_model",
+    "with_compute_precision",
 ]
