@@ -25,6 +25,47 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
+class UnsafeNameError(ValueError):
+    """A name from user input (case id, patient id, output name) that is not a plain file name."""
+
+
+MAX_NAME_BYTES = 200  # below the 255-byte limit of common file systems, leaving room for suffixes
+
+
+def check_plain_name(name: object, what: str = "name") -> str:
+    """Return ``name`` if it can safely name one file or folder inside an output folder.
+
+    A plain name is a non-empty string of at most :data:`MAX_NAME_BYTES` UTF-8 bytes without a
+    path separator (``/`` or ``\\``), control characters or a leading dot (``.``, ``..`` and hidden
+    names, which the temporary folders of :func:`output_folder` use) and without surrounding
+    spaces. So ``parent / name`` always stays directly inside ``parent``.
+
+    Raises:
+        UnsafeNameError: one line naming ``what``, the value and the problem.
+    """
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "empty or not text"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif name.startswith("."):
+        problem = "starts with a dot"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    elif name != name.strip():
+        problem = "has leading or trailing spaces"
+    elif len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        problem = f"longer than {MAX_NAME_BYTES} bytes"
+    if problem:
+        raise UnsafeNameError(f"{what} {name!r} cannot name a file or folder: {problem}")
+    return name
+
+
+def child_path(parent: str | os.PathLike, name: object, what: str = "name") -> Path:
+    """``parent / name`` for a user-given ``name`` checked by :func:`check_plain_name`."""
+    return Path(parent) / check_plain_name(name, what)
+
+
 @contextlib.contextmanager
 def output_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Build a folder of outputs in a temporary sibling, then move it to ``out_dir``.

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from radlogics_repro import io, preprocess
+from radlogics_repro import atomic, io, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("image",))
         The manifest with path columns made absolute (str).
 
     Raises:
-        DatasetError: missing file, empty manifest, missing column, a path that does not exist, a
-            patient in two splits, an unknown split name.
+        DatasetError: missing file, empty manifest, missing column, an empty, repeated or unsafe
+            id (see :func:`check_ids`), a path that does not exist, a patient in two splits, an
+            unknown split name.
     """
     path = Path(path)
     if not path.is_file():
@@ -78,6 +79,7 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("image",))
     missing = [c for c in ("case_id", "patient_id", "split", *required) if c not in frame.columns]
     if missing:
         raise DatasetError(f"{path}: manifest lacks column(s) {', '.join(missing)}")
+    check_ids(frame, source=path)
     bad = sorted(set(frame["split"]) - set(SPLITS))
     if bad:
         raise DatasetError(f"{path}: unknown split name(s) {bad}; use {list(SPLITS)}")
@@ -97,6 +99,23 @@ def _resolve(manifest: Path, value, column: str, required: Sequence[str]) -> str
     if column in required and not full.exists():
         raise DatasetError(f"{manifest}: '{column}' entry {value} does not exist ({full})")
     return str(full)
+
+
+def check_ids(frame: pd.DataFrame, source: str | os.PathLike = "<manifest>") -> None:
+    """Raise :class:`DatasetError` unless every row has a ``case_id`` and a ``patient_id`` that are
+    plain names (:func:`radlogics_repro.atomic.check_plain_name`: outputs are named after them, so
+    ``../x`` must not escape an output folder) and no ``case_id`` repeats."""
+    for column in ("case_id", "patient_id"):
+        for row, value in enumerate(frame[column], start=1):  # data rows, after the header
+            if not isinstance(value, str) or not value.strip():
+                raise DatasetError(f"{source}: row {row} has an empty '{column}'")
+            try:
+                atomic.check_plain_name(value, column)
+            except atomic.UnsafeNameError as err:
+                raise DatasetError(f"{source}: row {row}: {err}") from None
+    repeated = frame["case_id"][frame["case_id"].duplicated()].unique().tolist()
+    if repeated:
+        raise DatasetError(f"{source}: case_id(s) {repeated[:5]} appear in more than one row")
 
 
 def check_patient_splits(frame: pd.DataFrame, source: str | os.PathLike = "<manifest>") -> None:
