@@ -61,6 +61,8 @@ gantry tilt 0.05 .. 30 degrees                           warning  tilt angle; sh
 HU min > -500 (missing rescale?) or HU max > 5000        warning  HU range
 NIfTI unreadable or gzip stream truncated                error    file: unreadable NIfTI
 NIfTI not 3-D (a 4th axis of length 1 is accepted)       error    file: not a 3D volume
+NIfTI affine singular or not finite                      error    file: invalid NIfTI affine
+NIfTI voxels NaN or infinite (e.g. outside the FOV)      warning  count; set to -1000 HU (air)
 load_mask: mask grid differs from the study's grid       error    file: does not match
 =======================================================  =======  ===============================
 
@@ -73,7 +75,8 @@ any CT gantry) are refused.
 
 Privacy: ``Study.metadata`` holds only non-identifying fields (no names, IDs, birth dates,
 institutions, accession numbers or dates); Study/Series Instance UIDs are kept only as the first
-16 hex characters of their SHA-256.
+16 hex characters of their SHA-256. A DICOM study also keeps, in memory only, its instances'
+SOPInstanceUIDs and files (:func:`dicom_instances`), which a DICOM SEG must reference.
 """
 
 from __future__ import annotations
@@ -128,6 +131,7 @@ TILT_MAX_DEG = 30.0
 HU_MIN_IMPLAUSIBLE = -500.0  # a CT volume with min HU above this has no air: missing rescale?
 HU_MAX_IMPLAUSIBLE = 5000.0
 STORED_INTERCEPT = -1024.0  # RescaleIntercept used by write_dicom_series
+NON_FINITE_HU = -1000.0  # NaN/infinite NIfTI voxels are read as air
 _FAST_TRANSFER_SYNTAXES = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
@@ -161,6 +165,18 @@ class _NiftiGrid:
 
 
 @dataclass(eq=False)
+class _DicomGrid:
+    """The DICOM instances behind a Study's slices, to map canonical arrays back onto them.
+
+    Held in memory only (never written by this module): DICOM SEG export must reference them.
+    """
+
+    sop_instance_uids: tuple[str, ...]  # one per stored slice, sorted along the slice normal
+    files: tuple[str, ...]  # the instance files, same order
+    to_canonical: np.ndarray  # nibabel ornt transform stored (column, row, slice) -> canonical
+
+
+@dataclass(eq=False)
 class Study:
     """A CT volume in canonical orientation.
 
@@ -176,6 +192,7 @@ class Study:
     metadata: dict = field(default_factory=dict)
     source: str = "<array>"
     _nifti_grid: _NiftiGrid | None = field(default=None, repr=False)
+    _dicom_grid: _DicomGrid | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.hu.ndim != 3:
@@ -261,6 +278,45 @@ def require_volume(study: Study, min_slices: int = 2) -> Study:
             study.source, f"{what}; a volume of at least {min_slices} slices is needed"
         )
     return study
+
+
+def dicom_instances(study: Study) -> list[tuple[str, str]]:
+    """(SOPInstanceUID, file) of the DICOM instance behind each stored slice, in the order of
+    :func:`to_dicom_frames`.
+
+    Raises:
+        StudyReadError: the study was not read from a DICOM series.
+    """
+    if study._dicom_grid is None:
+        raise StudyReadError(study.source, "not read from a DICOM series (no source instances)")
+    grid = study._dicom_grid
+    return list(zip(grid.sop_instance_uids, grid.files, strict=True))
+
+
+def to_dicom_frames(study: Study, volume: np.ndarray) -> np.ndarray:
+    """A canonical (z, y, x) array in the source series' own layout: (instance, row, column).
+
+    Frame k overlays the instance ``dicom_instances(study)[k]`` pixel for pixel (the flips and
+    axis swaps :func:`load_study` applied are undone).
+    """
+    volume = np.asarray(volume)
+    if volume.shape != study.hu.shape:
+        raise ValueError(f"volume shape {volume.shape} does not match study.hu shape {study.hu.shape}")
+    dicom_instances(study)  # raises for a non-DICOM study
+    inverse = _invert_ornt(study._dicom_grid.to_canonical)
+    stored = nio.apply_orientation(volume.transpose(2, 1, 0), inverse)
+    return np.ascontiguousarray(stored.transpose(2, 1, 0))
+
+
+def from_dicom_frames(study: Study, frames: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_dicom_frames`: (instance, row, column) frames -> canonical (z, y, x)."""
+    frames = np.asarray(frames)
+    dicom_instances(study)
+    canonical = nio.apply_orientation(frames.transpose(2, 1, 0), study._dicom_grid.to_canonical)
+    canonical = np.ascontiguousarray(canonical.transpose(2, 1, 0))
+    if canonical.shape != study.hu.shape:
+        raise ValueError(f"frames of shape {frames.shape} do not make the study's {study.hu.shape}")
+    return canonical
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,8 +752,13 @@ def _study_from_headers(headers: list[_Header], where: Path, n_files: int) -> St
             [*geometry["origin"], 1.0],
         ]
     ).T  # columns: x (along a row), y (down a column), z (slice step), origin; LPS mm
-    hu, affine, _ = _reorient_to_canonical(stored_hu, _LPS_TO_RAS @ native)
+    hu, affine, to_canonical = _reorient_to_canonical(stored_hu, _LPS_TO_RAS @ native)
     issues.extend(_hu_range_warnings(hu_min, hu_max))
+    dicom_grid = _DicomGrid(
+        sop_instance_uids=tuple(h.sop_uid for h in members),
+        files=tuple(str(h.path) for h in members),
+        to_canonical=to_canonical,
+    )
 
     metadata = _dicom_metadata(members[0].ds)
     metadata.update(
@@ -716,7 +777,7 @@ def _study_from_headers(headers: list[_Header], where: Path, n_files: int) -> St
     for issue in issues:  # the choice among several series is expected, so only INFO
         level = logging.INFO if issue is series_message else logging.WARNING
         logger.log(level, "%s: %s", where, issue)
-    return Study(hu=hu, affine=affine, metadata=metadata, source=str(where))
+    return Study(hu=hu, affine=affine, metadata=metadata, source=str(where), _dicom_grid=dicom_grid)
 
 
 def _select_ct_images(
@@ -1131,7 +1192,8 @@ def _load_nifti(path: Path) -> Study:
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise StudyReadError(path, f"invalid NIfTI affine (singular or not finite): {affine[:3]}")
     hu, canonical_affine_, transform = _reorient_to_canonical(data.transpose(2, 1, 0), affine)
-    issues = _hu_range_warnings(float(hu.min()), float(hu.max()))
+    hu, issues, lo, hi = _replace_non_finite(hu, path)
+    issues += _hu_range_warnings(lo, hi)
     for warning in issues:
         logger.warning("%s: %s", path, warning)
     metadata = {
@@ -1154,6 +1216,23 @@ def _load_nifti(path: Path) -> Study:
         source=str(path),
         _nifti_grid=grid,
     )
+
+
+def _replace_non_finite(hu: np.ndarray, path: Path) -> tuple[np.ndarray, list[str], float, float]:
+    """NaN/infinite voxels (float NIfTI, often outside the reconstructed field of view) -> air.
+
+    Returns (hu, warnings, min HU, max HU); ``hu`` is returned as is (no copy) when all is finite.
+    """
+    lo, hi = float(hu.min()), float(hu.max())  # NaN or +-inf when any voxel is not finite
+    if np.isfinite(lo) and np.isfinite(hi):
+        return hu, [], lo, hi
+    finite = np.isfinite(hu)
+    n_bad = int(hu.size - np.count_nonzero(finite))
+    if n_bad == hu.size:
+        raise StudyReadError(path, "every voxel is NaN or infinite")
+    hu = np.where(finite, hu, np.float32(NON_FINITE_HU))
+    warning = f"{n_bad} NaN or infinite voxel(s) set to {NON_FINITE_HU:g} HU (air)"
+    return hu, [warning], float(hu.min()), float(hu.max())
 
 
 def load_mask(path: str | os.PathLike, study: Study) -> np.ndarray:
