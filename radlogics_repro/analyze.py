@@ -111,17 +111,20 @@ def load_analysis_models(lung_model: str | None, classifier_model: str | None,
     """Load both models (newest finished runs when a path is None), in Keras safe mode.
 
     ``precision``: ``model`` runs each network at the precision it was trained with; ``float32``
-    or ``mixed_bfloat16`` rebuilds both at that precision (:func:`models.with_compute_precision`).
+    or ``mixed_bfloat16`` rebuilds both at that precision (:func:`models.with_compute_precision`);
+    ``auto`` is bfloat16 on a CPU-only machine with native bfloat16, else ``model``.
     """
     from radlogics_repro import models
 
     lung_path = Path(lung_model) if lung_model else latest_run_model(runs_dir, "lung_unet")
     cls_path = Path(classifier_model) if classifier_model else latest_run_model(runs_dir, "classifier")
     lung_unet, classifier = models.load_model(lung_path), models.load_model(cls_path)
+    if precision not in models.PRECISION_CHOICES:
+        raise AnalysisError(f"analysis.precision={precision!r}: use one of "
+                            + ", ".join(models.PRECISION_CHOICES))
+    precision = models.resolve_precision(precision)
     if precision != "model":
-        if precision not in models.POLICIES:
-            raise AnalysisError(f"analysis.precision={precision!r}: use model, "
-                                + ", ".join(models.POLICIES))
+        log.info("running both networks at %s", precision)
         lung_unet = models.with_compute_precision(lung_unet, precision)
         classifier = models.with_compute_precision(classifier, precision)
     return AnalysisModels(
@@ -153,8 +156,9 @@ class AnalysisSettings:
     engine: str = "fused"
     batch_size: int = 8
     n_overlays: int = 3
-    precision: str = "model"
+    precision: str = "auto"
     skip_lung_free_slices: bool = True
+    gradcam_layers: tuple[str, ...] = localize.GRADCAM_LAYERS
 
 
 # =============================================================================================
@@ -234,8 +238,8 @@ def fine_maps_of_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndarray,
     for start in range(0, len(z), settings.batch_size):
         crops, _ = classifier_crops(study, lung_labels, z[start:start + settings.batch_size],
                                     models.classifier, models.classifier_card)
-        result = localize.gradcam_maps(models.classifier, crops, engine=settings.engine,
-                                       batch_size=settings.batch_size)
+        result = localize.gradcam_maps(models.classifier, crops, layers=settings.gradcam_layers,
+                                       engine=settings.engine, batch_size=settings.batch_size)
         maps.append(result.fine.astype(np.float32))
     return np.concatenate(maps)
 
@@ -362,6 +366,10 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
             if lung_ml["total"] else 0.0,
         },
     }
+    if not len(z):
+        summary["warnings"] = ["no lung found: the study is probably not a chest CT (or the lung "
+                               "model failed on it); decision and scores are not meaningful"]
+        log.warning("%s: %s", case_id or "study", summary["warnings"][0])
     lap("volumes")
     return StudyReport(case_id or case_id_for(study), lung_labels, fine_map, infection, slices,
                        summary, timings)
@@ -388,7 +396,7 @@ def report_document(report: StudyReport, study: io.Study, models: AnalysisModels
         "timings_s": report.timings_s,
         "input": {"kind": meta.get("source_kind"), "n_slices": int(study.hu.shape[0]),
                   "shape_zyx": list(study.hu.shape), "spacing_mm": [float(s) for s in study.spacing],
-                  "warnings": list(meta.get("warnings", []))},
+                  "warnings": [_without_input_path(w, study.source) for w in meta.get("warnings", [])]},
         "settings": {k: (list(v) if isinstance(v, tuple) else v)
                      for k, v in settings.__dict__.items()},
         "provenance": {
@@ -402,6 +410,17 @@ def report_document(report: StudyReport, study: io.Study, models: AnalysisModels
                                  "data": models.classifier_card.get("data")},
         },
     }
+
+
+def _without_input_path(message: str, source: str | None) -> str:
+    """A reader warning with the input's path replaced by ``<input>``: hospital folder and file
+    names often carry patient names, and report.json must not."""
+    if source:
+        for path in sorted({str(source), str(Path(source).parent), Path(source).name}, key=len,
+                           reverse=True):
+            if len(path) > 1:
+                message = message.replace(path, "<input>")
+    return message
 
 
 def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisModels,
@@ -523,7 +542,7 @@ def _analyze_one(entry: pd.Series, models, settings, output_dir: Path, overwrite
         study = io.load_study(entry["image"])
         case_id = given_id if isinstance(given_id, str) and given_id else case_id_for(study)
         row["case_id"] = case_id
-        out = output_dir / case_id
+        out = atomic.child_path(output_dir, case_id, "case_id")
         if (out / "report.json").exists() and not overwrite:
             document = json.loads((out / "report.json").read_text())
             row.update(_summary_row(document), status="done earlier")
@@ -531,10 +550,15 @@ def _analyze_one(entry: pd.Series, models, settings, output_dir: Path, overwrite
         report = analyze_study(study, models, settings, case_id=case_id)
         write_study_outputs(report, study, models, settings, out, overwrite=overwrite)
         row.update(_summary_row(json.loads((out / "report.json").read_text())), status="ok")
-    except (io.StudyReadError, AnalysisError) as err:
+    except (io.StudyReadError, AnalysisError, atomic.UnsafeNameError) as err:
         row.setdefault("case_id", given_id if isinstance(given_id, str) else "")
         row.update(status="error", error=" ".join(str(err).split()))
         log.error("skipped: %s", row["error"])
+    except Exception as err:  # noqa: BLE001 -- one study's failure must not end the batch
+        row.setdefault("case_id", given_id if isinstance(given_id, str) else "")
+        row.update(status="error", error=f"{entry['image']}: {type(err).__name__}: "
+                                         + " ".join(str(err).split()))
+        log.exception("skipped after an unexpected error: %s", entry["image"])
     return row
 
 
@@ -563,9 +587,10 @@ def write_longitudinal_curves(summary: pd.DataFrame, folder: Path) -> list[Path]
         folder.mkdir(parents=True, exist_ok=True)
         scans = scans.sort_values("day")
         table = scans[["day", "case_id", "corona_score_cm3", "infection_cm3", "lung_ml"]]
-        _write_csv_atomic(table, folder / f"{patient}.csv")
+        name = atomic.check_plain_name(str(patient), "patient_id")
+        _write_csv_atomic(table, folder / f"{name}.csv")
         written.append(figures.corona_curve_png(
-            scans["day"].to_numpy(), scans["corona_score_cm3"].to_numpy(), folder / f"{patient}.png",
+            scans["day"].to_numpy(), scans["corona_score_cm3"].to_numpy(), folder / f"{name}.png",
             case_ids=list(scans["case_id"]), title=f"patient {patient}: Corona Score over time"))
     return written
 
@@ -587,7 +612,8 @@ def settings_from_config(cfg) -> AnalysisSettings:
         ggo_hu=tuple(float(v) for v in cfg.ggo_hu),
         consolidation_hu=tuple(float(v) for v in cfg.consolidation_hu),
         engine=str(cfg.engine), batch_size=int(cfg.batch_size), n_overlays=int(cfg.n_overlays),
-        precision=str(cfg.precision), skip_lung_free_slices=bool(cfg.skip_lung_free_slices))
+        precision=str(cfg.precision), skip_lung_free_slices=bool(cfg.skip_lung_free_slices),
+        gradcam_layers=tuple(str(v) for v in cfg.gradcam_layers))
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -685,7 +711,10 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="analyze")
     def _main(cfg) -> None:
+        from radlogics_repro.cli import ANALYZE_CONFIG_RULES, check_config
+
         with exit_on_user_error():
+            check_config(cfg, ANALYZE_CONFIG_RULES)
             run(cfg)
 
     _main()

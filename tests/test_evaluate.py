@@ -28,3 +28,6 @@ def test_evaluate_writes_tables_plots_and_provenance(tiny_dataset, tiny_models, 
     assert pd.read_csv(out / "slices.csv")["positive"].all()
     summary = (out / "summary.md").read_text()
     assert "Research use only" in summary and "slice AUC" in summary
+    assert set(cases["breath_phase"]) <= {"inhale", "exhale"} and (cases["lung_ml"] >= 0).all()
+    breath = saved["metrics"]["breath_phase"]["all_scans"]
+    assert breath["n_scans"] == 2 and breath["tp"] + breath["fp"] + breath["fn"] + breath["tn"] == 2

@@ -472,3 +472,31 @@ def test_count_flops_matches_published_figures(classifier224):
     assert count_flops(classifier224) == pytest.approx(7.75e9, rel=0.02)
     vgg = keras.applications.VGG16(include_top=False, weights=None, input_shape=(224, 224, 3))
     assert count_flops(vgg) == pytest.approx(30.7e9, rel=0.01)  # VGG16 convolutional part
+
+
+def test_auto_precision_is_bfloat16_only_on_cpus_that_have_it(monkeypatch):
+    from radlogics_repro.models import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda: True)
+    assert precision.resolve_precision("auto") == "mixed_bfloat16"   # no GPU in the test machine
+    monkeypatch.setattr(precision, "cpu_has_bfloat16", lambda: False)
+    assert precision.resolve_precision("auto") == "model"
+    assert precision.resolve_precision("float32") == "float32"
+    with pytest.raises(ValueError, match="precision"):
+        precision.resolve_precision("int8")
+
+
+def test_a_model_rebuilt_at_bfloat16_keeps_weights_and_float32_outputs():
+    import numpy as np
+
+    from radlogics_repro import models
+
+    model = models.build_slice_classifier(input_shape=(32, 32, 3), weights=None, dense_units=(8, 4))
+    fast = models.with_compute_precision(model, "mixed_bfloat16")
+    assert fast.get_layer("conv4_block6_out").compute_dtype == "bfloat16"
+    assert fast.output.dtype == "float32"
+    x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+    assert np.abs(model.predict_on_batch(x) - fast.predict_on_batch(x)).max() < 0.02
+    back = models.with_compute_precision(fast, "float32")
+    np.testing.assert_array_equal(model.predict_on_batch(x), back.predict_on_batch(x))
+    assert models.with_compute_precision(model, "float32") is model

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,10 @@ def run(cfg) -> dict:
     if out_dir.exists() and not cfg.overwrite:  # checked before the long evaluation
         raise FileExistsError(f"{out_dir}: results exist; pass overwrite=true or another name=")
     manifest_path = Path(cfg.data.manifest)
+    if cfg.data.get("generate_if_missing"):
+        from radlogics_repro import synth
+
+        synth.ensure_dataset(manifest_path, OmegaConf.to_container(cfg.data.generator, resolve=True))
     manifest = data.read_manifest(manifest_path, required=("image", "lung_mask", "lesion_mask"))
     environment = provenance.environment()  # at the start: the code that evaluates
     settings = analyze.settings_from_config(cfg.analysis)
@@ -39,6 +44,7 @@ def run(cfg) -> dict:
     summary = runner.summarize(evaluation, n_boot=int(cfg.n_boot))
     document = {
         "notice": RESEARCH_USE_NOTICE, "name": cfg.name, "split": cfg.split,
+        "command": " ".join(["python -m radlogics_repro.evaluate", *sys.argv[1:]]),
         "data": {"manifest": str(manifest_path), "name": cfg.data.get("name")},
         "models": {"lung": models.lung_path, "lung_init": models.lung_card.get("init"),
                    "classifier": models.classifier_path,

@@ -109,6 +109,15 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def frame_markdown(frame, digits: int = 3) -> str:
+    """A pandas frame as a Markdown table (floats with ``digits`` decimals, NaN as n/a)."""
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(_fmt(v.item() if hasattr(v, "item") else v, digits) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *body])
+
+
 def summary_markdown(document: dict) -> str:
     """The headline table of an evaluation, with its provenance."""
     m = document["metrics"]
@@ -141,6 +150,13 @@ def summary_markdown(document: dict) -> str:
          f"[{_fmt(m['corona_vs_reference']['loa_low'], 1)}, "
          f"{_fmt(m['corona_vs_reference']['loa_high'], 1)}]"),
     ]
+    if "breath_phase" in m:
+        bp = m["breath_phase"]
+        rows.append(("breath phase from lung volume, F1 (exhalation positive): all scans / "
+                     "patients with >= 2 scans",
+                     f"{_fmt(bp['all_scans']['f1'])} (n={bp['all_scans']['n_scans']}) / "
+                     f"{_fmt(bp['longitudinal_patients']['f1'])} "
+                     f"(n={bp['longitudinal_patients']['n_scans']})"))
     if "at_98.2%_sensitivity" in c:
         hs = c["at_98.2%_sensitivity"]
         rows.insert(5, ("case sensitivity / specificity at the 98.2 %-sensitivity point",
@@ -153,7 +169,7 @@ def summary_markdown(document: dict) -> str:
     lines += ["", f"Models: lung `{document['models']['lung']}` (init "
                   f"{document['models']['lung_init']}), classifier `{document['models']['classifier']}` "
                   f"(init {document['models']['classifier_init']}).  ",
-              f"Command: `python -m radlogics_repro.evaluate split={document['split']} "
-              f"name={document['name']}`; commit {env['commit']}; {env['date']}; {env['machine']}; "
+              f"Command: `{document.get('command') or 'python -m radlogics_repro.evaluate'}`; "
+              f"commit {env['commit']}; {env['date']}; {env['machine']}; "
               f"TensorFlow {env['tensorflow']}.", ""]
     return "\n".join(lines)

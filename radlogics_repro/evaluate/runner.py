@@ -73,6 +73,8 @@ def evaluate_case(row: pd.Series, models: analyze.AnalysisModels,
         "corona_score_cm3": report.summary["corona_score_cm3"],
         "infection_cm3": report.summary["volumes"]["infection_cm3"]["total"],
         "lung_dice": M.dice(report.lung_labels > 0, lung_ref),
+        "lung_ml": report.summary["volumes"]["lung_ml"]["total"],
+        "breath_phase": row.get("breath_phase", ""),
         "infection_dice": M.dice(report.infection_labels > 0, lesion_ref) if lesion_ref.any()
         else np.nan,
         "pixel_auroc": M.pixel_auroc(report.fine_map, lesion_ref, lung_ref)
@@ -139,6 +141,15 @@ def summarize(evaluation: Evaluation, n_boot: int = 1000) -> dict:
             if cases["pointing_slices"].sum() else float("nan")},
         "corona_vs_reference": M.agreement(cases["corona_score_cm3"], cases["reference_lesion_cm3"]),
     }
+    phases = cases["breath_phase"].isin(["inhale", "exhale"]) if "breath_phase" in cases else None
+    if phases is not None and phases.any():
+        from radlogics_repro.breath_phase import evaluate_breath_phase
+
+        known = cases[phases]
+        out["breath_phase"] = {
+            "all_scans": evaluate_breath_phase(known, volume_column="lung_ml"),
+            "longitudinal_patients": evaluate_breath_phase(known, volume_column="lung_ml",
+                                                           longitudinal_only=True)}
     if cases["label"].nunique() == 2:
         t = M.threshold_for_sensitivity(cases["label"], cases["positive_slice_ratio"],
                                         PAPER_SENSITIVITY)

@@ -11,7 +11,12 @@
 
 from radlogics_repro.models.classifier import GRADCAM_LAYERS, build_slice_classifier
 from radlogics_repro.models.flops import count_flops
-from radlogics_repro.models.precision import POLICIES, with_compute_precision
+from radlogics_repro.models.precision import (
+    POLICIES,
+    PRECISION_CHOICES,
+    resolve_precision,
+    with_compute_precision,
+)
 from radlogics_repro.models.unet import build_lung_unet
 from radlogics_repro.models.weights import (
     CUSTOM_OBJECTS,
@@ -26,6 +31,7 @@ __all__ = [
     "CUSTOM_OBJECTS",
     "GRADCAM_LAYERS",
     "POLICIES",
+    "PRECISION_CHOICES",
     "ImageNetCaffePreprocess",
     "ModelLoadError",
     "PretrainedWeightsError",
@@ -34,5 +40,6 @@ __all__ = [
     "count_flops",
     "init_record",
     "load_model",
+    "resolve_precision",
     "with_compute_precision",
 ]

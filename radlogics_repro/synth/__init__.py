@@ -25,7 +25,7 @@ Research use only, not for clinical diagnosis. The phantoms are analytic (no rea
 """
 
 from radlogics_repro.synth.anatomy import TISSUE
-from radlogics_repro.synth.dataset import MANIFEST_COLUMNS, SLICE_COLUMNS, generate_dataset
+from radlogics_repro.synth.dataset import MANIFEST_COLUMNS, SLICE_COLUMNS, ensure_dataset, generate_dataset
 from radlogics_repro.synth.lesions import CONSOLIDATION, GGO
 from radlogics_repro.synth.phantom import PhantomCase, SynthError, generate_case
 
@@ -34,5 +34,5 @@ LUNG_RIGHT, LUNG_LEFT = 1, 2
 
 __all__ = [
     "CONSOLIDATION", "GGO", "LUNG_LEFT", "LUNG_RIGHT", "MANIFEST_COLUMNS", "SLICE_COLUMNS",
-    "TISSUE", "PhantomCase", "SynthError", "generate_case", "generate_dataset",
+    "TISSUE", "PhantomCase", "SynthError", "ensure_dataset", "generate_case", "generate_dataset",
 ]

@@ -434,3 +434,16 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def ensure_dataset(manifest: str | os.PathLike, generator: dict) -> Path:
+    """Generate the phantom dataset into ``manifest``'s folder unless that manifest exists.
+
+    ``generator`` holds :func:`generate_dataset`'s keyword arguments (a data config's ``generator``).
+    Returns the manifest path.
+    """
+    manifest = Path(manifest)
+    if not manifest.exists():
+        log.info("no dataset at %s: generating the synthetic phantoms (%s)", manifest.parent, generator)
+        generate_dataset(manifest.parent, **generator)
+    return manifest
