@@ -31,7 +31,8 @@ Steps of :func:`analyze_study` (METHOD.md sections 4-6):
 6. volumes: lung (mL, right/left), infection (cm^3, GGO/consolidation), % of the lung involved.
 
 Outputs per study (written into a temporary folder, moved into place when complete): report.json
-(schema :data:`REPORT_SCHEMA_VERSION`), slices.csv, lung_mask.nii.gz, infection_map.nii.gz (fine map),
+(schema :data:`REPORT_SCHEMA_VERSION`), slices.csv, lung_mask.nii.gz, infection_map.nii.gz (fine map,
+uint8 with scale 1/255: readers show 0..1),
 infection_mask.nii.gz (1 GGO, 2 consolidation), overlay PNGs of the most involved slices,
 overview_3d.png and a self-contained report.html. Nothing identifies the patient: the case id is
 the manifest's (pseudonymous) id or a hash of the study UID.
@@ -171,7 +172,7 @@ class StudyReport:
     """Everything :func:`analyze_study` finds in one study.
 
     Arrays are in the study's canonical ``(z, y, x)`` grid: ``lung_labels`` uint8 (1 right, 2 left),
-    ``fine_map`` float32 in [0, 1] (0 outside positive slices), ``infection_labels`` uint8 (1 GGO,
+    ``fine_map`` float16 in [0, 1] (0 outside positive slices), ``infection_labels`` uint8 (1 GGO,
     2 consolidation). ``slices`` has one row per slice: z, lung, probability, positive, map sum.
     """
 
@@ -258,34 +259,42 @@ def corona_score_cm3(fine_map: np.ndarray, positive: np.ndarray, spacing_mm: Seq
     return mass * pixel_area * float(spacing_mm[0]) / 1000.0
 
 
+def corona_score_from_slice_sums(map_sum: np.ndarray, spacing_mm: Sequence[float]) -> float:
+    """:func:`corona_score_cm3` from each slice's map sum ``(Z,)`` (0 on slices not positive),
+    summed in float64 as the maps are pasted, before they are stored at half precision."""
+    pixel_area = float(spacing_mm[1]) * float(spacing_mm[2])
+    return float(np.sum(map_sum, dtype=np.float64)) * pixel_area * float(spacing_mm[0]) / 1000.0
+
+
 def infection_labels_from_map(fine_map: np.ndarray, hu: np.ndarray, lung: np.ndarray,
-                              spacing_mm: Sequence[float], settings: AnalysisSettings) -> np.ndarray:
+                              spacing_mm: Sequence[float], settings: AnalysisSettings,
+                              chunk: int = 32) -> np.ndarray:
     """Infection mask from the fine maps (see the module docstring, step 5): uint8, 1 GGO,
-    2 consolidation."""
-    seed = (fine_map >= settings.map_threshold) & lung
+    2 consolidation.
+
+    Runs in slabs of ``chunk`` slices, each read with the blur's reach of context slices on both
+    sides, so every work array covers one slab; the result equals the whole-volume computation.
+    """
     labels = np.zeros(hu.shape, np.uint8)
-    if not seed.any():
+    positive = np.flatnonzero(np.asarray(fine_map).reshape(fine_map.shape[0], -1)
+                              .max(axis=1) >= settings.map_threshold)
+    if not len(positive):
         return labels
     sigma = [settings.blur_sigma_mm / float(s) for s in spacing_mm]
-    box = _box_around(seed, margins=[int(np.ceil(4 * s)) + 1 for s in sigma])  # the blur's reach
-    smooth = ndimage.gaussian_filter(seed[box].astype(np.float32), sigma=sigma) >= 0.5
-    region = smooth & lung[box]
+    reach = int(np.ceil(4 * sigma[0])) + 1                  # the Gaussian's truncation, in slices
     ggo_lo, ggo_hi = settings.ggo_hu
     con_lo, con_hi = settings.consolidation_hu
-    local_hu, local = hu[box], labels[box]
-    local[region & (local_hu >= ggo_lo) & (local_hu < ggo_hi)] = 1
-    local[region & (local_hu >= con_lo) & (local_hu <= con_hi)] = 2
+    first, last = max(0, positive[0] - reach), min(hu.shape[0], positive[-1] + 1 + reach)
+    for start in range(first, last, chunk):
+        stop = min(start + chunk, last)
+        lo, hi = max(0, start - reach), min(hu.shape[0], stop + reach)
+        seed = (fine_map[lo:hi] >= settings.map_threshold) & lung[lo:hi]
+        blurred = ndimage.gaussian_filter(seed.astype(np.float32), sigma=sigma, truncate=4.0)
+        region = (blurred[start - lo:stop - lo] >= 0.5) & lung[start:stop]
+        slab_hu, slab = hu[start:stop], labels[start:stop]
+        slab[region & (slab_hu >= ggo_lo) & (slab_hu < ggo_hi)] = 1
+        slab[region & (slab_hu >= con_lo) & (slab_hu <= con_hi)] = 2
     return labels
-
-
-def _box_around(mask: np.ndarray, margins: Sequence[int]) -> tuple[slice, ...]:
-    """The bounding box of a non-empty mask widened by ``margins`` voxels per axis (clipped)."""
-    box = []
-    for axis, margin in enumerate(margins):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(0, int(hits[0]) - margin), min(mask.shape[axis], int(hits[-1]) + 1 + margin)))
-    return tuple(box)
 
 
 def decide_case(n_positive: int, n_lung: int, threshold: float) -> tuple[bool, float]:
@@ -326,14 +335,17 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
     lap("gradcam")
 
     height, width = study.hu.shape[1:]
-    fine_map = np.zeros(study.hu.shape, np.float32)
+    fine_map = np.zeros(study.hu.shape, np.float16)   # [0, 1]; half the memory of float32
+    map_sum = np.zeros(study.hu.shape[0], np.float64)
     positive_boxes = [box for box, pos in zip(boxes, positive_lung, strict=True) if pos]
     for zi, crop_map, box in zip(z[positive_lung], crop_maps, positive_boxes, strict=True):
-        fine_map[zi] = localize.fine_map_in_slice(crop_map, box, height, width)
+        in_slice = localize.fine_map_in_slice(crop_map, box, height, width)
+        fine_map[zi] = in_slice
+        map_sum[zi] = in_slice.sum(dtype=np.float64)
     positive = np.zeros(study.hu.shape[0], bool)
     positive[z[positive_lung]] = True
     suspected, ratio = decide_case(int(positive.sum()), len(z), case_threshold)
-    score = corona_score_cm3(fine_map, positive, study.spacing)
+    score = corona_score_from_slice_sums(map_sum, study.spacing)
     lap("decision_and_corona_score")
 
     lung = lung_labels > 0
@@ -349,7 +361,7 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
         "lung_area_mm2": np.count_nonzero(lung.reshape(lung.shape[0], -1), axis=1)
         * study.pixel_area_mm2,
         "contains_lung": False, "probability": np.nan, "positive": positive,
-        "map_sum": fine_map.reshape(fine_map.shape[0], -1).sum(axis=1),
+        "map_sum": map_sum,
     })
     slices.loc[z, "contains_lung"] = True
     slices.loc[z, "probability"] = probabilities
@@ -432,13 +444,19 @@ def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisMo
     with atomic.output_folder(out_dir, overwrite) as tmp:
         clock = time.perf_counter()
         io.save_mask(study, report.lung_labels, tmp / "lung_mask.nii.gz")
-        io.save_mask(study, report.fine_map, tmp / "infection_map.nii.gz")
+        io.save_unit_map(study, report.fine_map, tmp / "infection_map.nii.gz")
         io.save_mask(study, report.infection_labels, tmp / "infection_mask.nii.gz")
         report.slices.to_csv(tmp / "slices.csv", index=False, float_format="%.6g")
         images = {}
+        # The overview is drawn at ~target_mm blocks anyway: give it every other pixel in-plane of
+        # large slices, which keeps its four bool masks at a quarter of the study's size.
+        step = 2 if min(study.hu.shape[1:]) > 256 else 1
+        lung_view = report.lung_labels[:, ::step, ::step]
+        infection_view = report.infection_labels[:, ::step, ::step]
+        spacing_view = (study.spacing[0], study.spacing[1] * step, study.spacing[2] * step)
         overview = figures.render_3d_overview(
-            report.lung_labels > 0, report.infection_labels > 0, study.spacing, tmp / "overview_3d.png",
-            ggo_mask=report.infection_labels == 1, consolidation_mask=report.infection_labels == 2,
+            lung_view > 0, infection_view > 0, spacing_view, tmp / "overview_3d.png",
+            ggo_mask=infection_view == 1, consolidation_mask=infection_view == 2,
             title=report.case_id)
         images["3D overview: lungs and infection (GGO / consolidation)"] = overview
         for z in figures.most_involved_slices(report.slices["map_sum"].to_numpy(), settings.n_overlays):
@@ -446,7 +464,7 @@ def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisMo
                 continue
             path = figures.slice_overlay_png(
                 study.hu[z], tmp / f"overlay_z{z:04d}.png", lung_mask=report.lung_labels[z] > 0,
-                fine_map=report.fine_map[z], infection_mask=report.infection_labels[z] > 0,
+                fine_map=report.fine_map[z].astype(np.float32), infection_mask=report.infection_labels[z] > 0,
                 title=f"{report.case_id} slice {z}, p={report.slices['probability'].iloc[z]:.2f}")
             images[f"Slice {z}: fine localization map"] = path
         report.timings_s["outputs"] = round(time.perf_counter() - clock, 3)

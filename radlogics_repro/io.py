@@ -1309,6 +1309,29 @@ def save_mask(study: Study, mask: np.ndarray, path: str | os.PathLike) -> Path:
     return save_volume(study, mask, path, dtype=dtype)
 
 
+def save_unit_map(study: Study, values: np.ndarray, path: str | os.PathLike, chunk: int = 64) -> Path:
+    """Write a ``[0, 1]`` map (e.g. the fine localization map) as NIfTI uint8 with scale 1/255.
+
+    Readers that apply the NIfTI scale (nibabel, 3D Slicer, ITK-SNAP) show values in [0, 1] with a
+    resolution of 1/255; the file is a quarter of float32's size, and the conversion runs in slabs
+    of ``chunk`` slices, so it needs no float copy of the volume. Same grid as :func:`save_mask`.
+    """
+    values = np.asarray(values)
+    if values.shape != study.hu.shape:
+        raise ValueError(f"map shape {values.shape} does not match study.hu shape {study.hu.shape}")
+    stored = np.empty(values.shape, np.uint8)
+    for start in range(0, values.shape[0], chunk):
+        part = values[start:start + chunk].astype(np.float32)
+        stored[start:start + chunk] = np.rint(np.clip(part, 0.0, 1.0) * 255.0)
+    path = Path(path)
+    if not _is_nifti_name(path):
+        raise ValueError(f"{path}: output must end in .nii or .nii.gz")
+    img = _image_in_input_grid(study, stored)
+    img.header.set_slope_inter(1.0 / 255.0, 0.0)
+    _atomic_nifti_save(img, path)
+    return path
+
+
 def save_volume(
     study: Study, volume: np.ndarray, path: str | os.PathLike, dtype: Any = None
 ) -> Path:

@@ -107,6 +107,17 @@ def _bounding_slices(mask: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(box)
 
 
+def _component_sizes(labels: np.ndarray, n: int, chunk: int = 32) -> np.ndarray:
+    """Voxel count of components 1..n of a ``(Z, H, W)`` label array: ``(n,)`` int64.
+
+    ``np.bincount`` converts its input to int64 first; slab by slab, that copy covers ``chunk``
+    slices instead of the volume."""
+    sizes = np.zeros(n + 1, np.int64)
+    for start in range(0, labels.shape[0], chunk):
+        sizes += np.bincount(labels[start:start + chunk].ravel(), minlength=n + 1)
+    return sizes[1:]
+
+
 def keep_lung_components(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 3D component and the second largest if it is at least
     :data:`MIN_SECOND_LUNG_FRACTION` of the first. bool ``(Z, H, W)`` -> bool.
@@ -117,12 +128,15 @@ def keep_lung_components(mask: np.ndarray) -> np.ndarray:
         return out
     box = _bounding_slices(mask)
     labels, n = ndimage.label(mask[box])
-    sizes = np.bincount(labels.ravel())[1:]
+    sizes = _component_sizes(labels, n)
     order = np.argsort(sizes)[::-1]
     keep = [order[0] + 1]
     if n > 1 and sizes[order[1]] >= MIN_SECOND_LUNG_FRACTION * sizes[order[0]]:
         keep.append(order[1] + 1)
-    out[box] = np.isin(labels, keep)
+    kept = labels == keep[0]   # not np.isin: it sorts a copy of the label volume (GBs)
+    for label in keep[1:]:
+        kept |= labels == label
+    out[box] = kept
     return out
 
 
@@ -139,7 +153,7 @@ def label_right_left(mask: np.ndarray) -> np.ndarray:
     box = _bounding_slices(mask)
     labels, n = ndimage.label(mask[box])
     if n >= 2:
-        sizes = np.bincount(labels.ravel())[1:]
+        sizes = _component_sizes(labels, n)
         first, second = np.argsort(sizes)[::-1][:2] + 1
         x = np.arange(labels.shape[2])
         cx = [float((np.count_nonzero(labels == c, axis=(0, 1)) * x).sum()) / sizes[c - 1]

@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from radlogics_repro import analyze, io
 
@@ -231,3 +232,32 @@ def test_models_run_at_a_chosen_precision(tiny_models, dicom_case):
     with pytest.raises(analyze.AnalysisError, match="precision"):
         analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]),
                                      precision="int8")
+
+
+def test_slab_wise_infection_mask_equals_the_whole_volume_computation():
+    rng = np.random.default_rng(3)
+    shape = (70, 24, 24)
+    fine_map = (rng.random(shape) * 0.6).astype(np.float16)
+    fine_map[20:50, 4:18, 6:20] = 0.9                      # a lesion across several slabs
+    lung = rng.random(shape) > 0.05
+    hu = rng.uniform(-1000, 200, shape).astype(np.float32)
+    spacing = (2.5, 1.0, 1.0)
+    settings = analyze.AnalysisSettings()
+    slabs = analyze.infection_labels_from_map(fine_map, hu, lung, spacing, settings, chunk=7)
+    sigma = [settings.blur_sigma_mm / s for s in spacing]
+    seed = (fine_map >= settings.map_threshold) & lung
+    region = (ndimage.gaussian_filter(seed.astype(np.float32), sigma=sigma) >= 0.5) & lung
+    whole = np.zeros(shape, np.uint8)
+    whole[region & (hu >= -750) & (hu < -300)] = 1
+    whole[region & (hu >= -300) & (hu <= 100)] = 2
+    assert whole.any()
+    np.testing.assert_array_equal(slabs, whole)
+
+
+def test_unit_map_file_reads_back_within_one_step(tmp_path):
+    study = io.study_from_array(np.zeros((5, 8, 8), np.float32), (2.0, 1.0, 1.0))
+    values = np.linspace(0, 1, 5 * 8 * 8, dtype=np.float32).reshape(5, 8, 8).astype(np.float16)
+    path = io.save_unit_map(study, values, tmp_path / "map.nii.gz", chunk=2)
+    back = io.load_mask(path, study)
+    assert back.dtype == np.float32
+    assert np.abs(back - values.astype(np.float32)).max() <= 0.5 / 255 + 1e-3
