@@ -562,19 +562,22 @@ def _numbers(tree, prefix=""):
     return {}
 
 
-@pytest.mark.slow
-def test_deterministic_classifier_smoke_runs_give_the_same_metrics(tiny_dataset, tmp_path,
-                                                                   op_determinism_restored):
-    """Two ``trainer.deterministic=true`` runs: same history and metrics within 1e-6 (absolute).
-    Each run takes about 100 s on a busy 2-core CPU, hence ``slow``."""
+@pytest.mark.parametrize("experiment, model_override", [
+    ("lung_unet", "model.decoder_filters=[8,8,8,8]"),
+    # the ResNet-50 smoke run takes about 100 s per run on a busy 2-core CPU
+    pytest.param("classifier", "model.dense_units=[8,4]", marks=pytest.mark.slow),
+])
+def test_deterministic_smoke_runs_give_the_same_metrics(experiment, model_override, tiny_dataset,
+                                                        tmp_path, op_determinism_restored):
+    """Two ``trainer.deterministic=true`` runs: same history and metrics within 1e-6 (absolute)."""
     from radlogics_repro import train
 
     runs = []
     for name in ("first", "second"):
         cfg = _compose("train", [
-            "+experiment=classifier", "trainer=smoke", f"data.manifest={tiny_dataset}",
+            f"+experiment={experiment}", "trainer=smoke", f"data.manifest={tiny_dataset}",
             "data.generate_if_missing=false", "data.input_size=32", "model.weights=null",
-            "model.dense_units=[8,4]", "trainer.deterministic=true", f"run_dir={tmp_path / name}"])
+            model_override, "trainer.deterministic=true", f"run_dir={tmp_path / name}"])
         cli.check_config(cfg, cli.TRAIN_CONFIG_RULES)
         train.train(cfg)
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
