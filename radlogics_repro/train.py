@@ -34,7 +34,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, losses, models, provenance
-from radlogics_repro.cli import UserError, exit_on_user_error
+from radlogics_repro.cli import TRAIN_CONFIG_RULES, UserError, check_config, exit_on_user_error
 from radlogics_repro.evaluate import metrics as M
 
 log = logging.getLogger(__name__)
@@ -137,16 +137,6 @@ def _atomic_save_model(model: keras.Model, path: Path) -> None:
 # =============================================================================================
 
 
-def ensure_synthetic_dataset(manifest: Path, generator: dict) -> None:
-    """Generate the synthetic phantom dataset into ``manifest``'s folder when it is missing."""
-    if manifest.exists():
-        return
-    from radlogics_repro import synth
-
-    log.info("no dataset at %s: generating the synthetic phantoms (%s)", manifest.parent, generator)
-    synth.generate_dataset(manifest.parent, **generator)
-
-
 def load_task_slices(task: str, data_cfg: dict, split: str, *, max_cases: int | None,
                      cache: bool, lung_segmenter=None) -> data.SliceSet:
     """The slices of one split for ``task`` ('lung_unet' or 'classifier'), from plain settings."""
@@ -204,7 +194,10 @@ def make_augmenter(task: str, aug: dict):
 
 
 def build_model(task: str, model_cfg: dict, input_size: int) -> tuple[keras.Model, str]:
-    """Build the task's network; returns (model, init record)."""
+    """Build the task's network, or load it from ``model.init_from`` (fine-tuning); returns (model,
+    init record)."""
+    if model_cfg.get("init_from"):
+        return load_init_model(model_cfg["init_from"], task, input_size)
     shape = (input_size, input_size, 3)
     if task == "lung_unet":
         model = models.build_lung_unet(
@@ -217,6 +210,25 @@ def build_model(task: str, model_cfg: dict, input_size: int) -> tuple[keras.Mode
             dense_units=tuple(model_cfg["dense_units"]), dropout=model_cfg["dropout"],
             require_pretrained=model_cfg["require_pretrained"])
     return model, models.init_record(model)
+
+
+def load_init_model(path: str | os.PathLike, task: str, input_size: int) -> tuple[keras.Model, str]:
+    """A trained ``.keras`` model to fine-tune (Keras safe mode), checked against ``task`` and
+    ``input_size``; the init record is ``finetuned from <path> (<its own init>)``, its own init read
+    from the ``model.json`` beside it."""
+    if str(path) == "???":
+        raise TrainingError("model.init_from: missing; give the .keras model to fine-tune from")
+    path = Path(path).expanduser().resolve()
+    model = models.load_model(path)
+    model_task = "lung_unet" if len(model.output_shape) == 4 else "classifier"
+    if model_task != task:
+        raise TrainingError(f"model.init_from={path}: a {model_task} model, but task={task}")
+    if tuple(model.input_shape[1:3]) != (input_size, input_size):
+        raise TrainingError(f"model.init_from={path}: input {model.input_shape[1]}x{model.input_shape[2]} "
+                            f"pixels, but data.input_size={input_size}")
+    card = path.parent / "model.json"
+    its_init = json.loads(card.read_text()).get("init") if card.is_file() else None
+    return model, f"finetuned from {path} ({its_init or 'init unknown'})"
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, schedule: str):
@@ -261,6 +273,52 @@ def compile_model(model: keras.Model, task: str, learning_rate, weight_decay: fl
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc"), "accuracy"],
                       weighted_metrics=[])
+
+
+STRATEGIES = ("default", "mirrored", "multi_worker")
+
+
+def distribution_strategy(name: str):
+    """The ``tf.distribute`` strategy for ``trainer.strategy``.
+
+    * ``default``: no distribution (TensorFlow's default strategy, one device).
+    * ``mirrored``: synchronous data parallelism over this machine's devices
+      (``MirroredStrategy``): every GPU, or every logical CPU device when there is no GPU.
+    * ``multi_worker``: the same over several machines (``MultiWorkerMirroredStrategy``); each
+      machine runs the same command with its own ``TF_CONFIG`` (the cluster and its task index,
+      see README). Without ``TF_CONFIG`` it trains alone on its local devices.
+
+    ``trainer.batch_size`` is the global batch of one step: each of N replicas computes
+    ``batch_size / N`` examples, and the replicas' gradients are combined into the update one device
+    would make with the whole batch.
+
+    Must be called before other TensorFlow work in the process (the multi-worker collectives are
+    configured at program start).
+    """
+    import tensorflow as tf
+
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy(devices=[d.name for d in devices])
+    if name == "multi_worker":
+        class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+            """Accepts the reductions Keras 3's ``fit`` asks of it (keras-team/keras#20585): a
+            nested structure (the first input batch) is reduced element by element, and a scalar
+            (a loss or metric value) reduced "along axis 0" is reduced over the replicas."""
+
+            def reduce(self, reduce_op, value, axis):
+                parent = super()
+
+                def one(v):
+                    rank = self.experimental_local_results(v)[0].shape.rank
+                    return parent.reduce(reduce_op, v, axis if rank else None)
+
+                return tf.nest.map_structure(one, value)
+
+        return MultiWorkerStrategy()
+    raise TrainingError(f"trainer.strategy={name!r}: use one of {', '.join(STRATEGIES)}")
 
 
 def monitored_metric(task: str) -> str:
@@ -365,6 +423,8 @@ def _train(cfg: DictConfig) -> dict:
     task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
     if task not in ("lung_unet", "classifier"):
         raise TrainingError(f"task={task!r}: use +experiment=lung_unet or +experiment=classifier")
+    # Before any other TensorFlow work: multi-worker collectives are set up at program start.
+    strategy = distribution_strategy(trainer["strategy"])
     keras.utils.set_random_seed(cfg.seed)
     if trainer["deterministic"]:
         import tensorflow as tf
@@ -373,12 +433,15 @@ def _train(cfg: DictConfig) -> dict:
     keras.mixed_precision.set_global_policy(trainer["precision"])
     atomic.write_text(run_dir / "config.yaml", OmegaConf.to_yaml(plain))
     log.info("%s | run folder %s", RESEARCH_USE_NOTICE, run_dir)
+    given = [a for a in sys.argv[1:] if not a.startswith(("run_dir=", "--"))]
     log.info("to resume this run if it stops: python -m radlogics_repro.train %s run_dir=%s",
-             f"+experiment={task}", run_dir)
+             " ".join(given) or f"+experiment={task}", run_dir)
 
     # ---- input pipeline -----------------------------------------------------------------------
     if data_cfg["kind"] == "volumes" and data_cfg.get("generate_if_missing"):
-        ensure_synthetic_dataset(Path(data_cfg["manifest"]), data_cfg["generator"])
+        from radlogics_repro import synth
+
+        synth.ensure_dataset(data_cfg["manifest"], data_cfg["generator"])
     lung_segmenter = _lung_segmenter(data_cfg) if task == "classifier" else None
     load = lambda split: load_task_slices(  # noqa: E731
         task, data_cfg, split, max_cases=trainer["max_cases_per_split"],
@@ -406,17 +469,22 @@ def _train(cfg: DictConfig) -> dict:
                      batch_size=trainer["eval_batch_size"], training=False)
 
     # ---- model --------------------------------------------------------------------------------
-    if resume:
-        model = models.load_model(run_dir / "resume" / "last.keras", compile=True)
-        init = resume["init"]
-    else:
-        model, init = build_model(task, plain["model"], data_cfg["input_size"])
-        set_batchnorm_momentum(model, trainer["batchnorm_momentum"])
-        steps = data.steps_per_epoch(len(train_slices), batch)
-        schedule = learning_rate_schedule(trainer["learning_rate"], epochs * steps,
-                                          trainer["warmup_epochs"] * steps, trainer["lr_schedule"])
-        compile_model(model, task, schedule, trainer["weight_decay"])
+    # Built (or loaded) and compiled inside the strategy's scope, so that its variables, optimizer
+    # state and metrics are mirrored on every replica; batch is the global batch of one step.
+    with strategy.scope():
+        if resume:
+            model = models.load_model(run_dir / "resume" / "last.keras", compile=True)
+            init = resume["init"]
+        else:
+            model, init = build_model(task, plain["model"], data_cfg["input_size"])
+            set_batchnorm_momentum(model, trainer["batchnorm_momentum"])
+            steps = data.steps_per_epoch(len(train_slices), batch)
+            schedule = learning_rate_schedule(trainer["learning_rate"], epochs * steps,
+                                              trainer["warmup_epochs"] * steps, trainer["lr_schedule"])
+            compile_model(model, task, schedule, trainer["weight_decay"])
     log.info("model %s, %.1f M parameters, init: %s", model.name, model.count_params() / 1e6, init)
+    log.info("strategy %s: %d replica(s), global batch %d (%s per replica)", trainer["strategy"],
+             strategy.num_replicas_in_sync, batch, batch / strategy.num_replicas_in_sync)
 
     # ---- callbacks ----------------------------------------------------------------------------
     monitor = monitored_metric(task)
@@ -489,6 +557,8 @@ def _train(cfg: DictConfig) -> dict:
         "slices": {"train": len(train_slices), "val": len(val_slices),
                    "test": len(test_slices) if test_slices is not None else 0},
         "environment": environment,
+        "distribution": {"strategy": trainer["strategy"], "replicas": strategy.num_replicas_in_sync,
+                         "global_batch_size": batch},
         "finished": provenance.environment()["date"],
     }
     atomic.write_text(run_dir / "metrics.json", json.dumps(metrics_doc, indent=2, default=float))
@@ -554,6 +624,7 @@ def model_card(task: str, data_cfg: dict, init: str, threshold: float, config: d
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     with exit_on_user_error():
+        check_config(cfg, TRAIN_CONFIG_RULES)
         train(cfg)
 
 

@@ -128,3 +128,30 @@ def test_batchnorm_momentum_reaches_every_batchnorm_layer():
     momenta = {layer.momentum for layer in model.layers
                if isinstance(layer, keras.layers.BatchNormalization)}
     assert momenta == {0.9}
+
+
+def test_finetune_local_starts_from_a_saved_model(tiny_dataset, tiny_models, tmp_path):
+    base_model = tiny_models["lung"].resolve()  # a saved 32-pixel U-Net with its model.json
+    tuned_dir = tmp_path / "tuned"
+    cfg = compose_train(["+experiment=finetune_local", "task=lung_unet", "trainer=smoke",
+                         "trainer.max_cases_per_split=1", "trainer.epochs=1", f"model.init_from={base_model}",
+                         f"data.manifest={tiny_dataset}", "data.input_size=32", f"run_dir={tuned_dir}"])
+    assert cfg.trainer.epochs == 1 and cfg.model.kind == "lung_unet"
+    result = train.train(cfg)
+    expected_init = f"finetuned from {base_model} (random)"
+    assert result["init"] == expected_init
+    card = json.loads((tuned_dir / "model.json").read_text())
+    assert card["init"] == expected_init and card["task"] == "lung_unet" and card["input_size"] == 32
+    for name in ("model.keras", "history.csv", "config.yaml", "metrics.json", "predictions.png"):
+        assert (tuned_dir / name).exists(), name
+    assert len(pd.read_csv(tuned_dir / "history.csv")) == 1
+    base, tuned = keras.saving.load_model(base_model), keras.saving.load_model(tuned_dir / "model.keras")
+    assert tuned.count_params() == base.count_params()  # the saved U-Net, not a newly built network
+    assert any(not (a == b).all() for a, b in zip(base.get_weights(), tuned.get_weights(), strict=True))
+
+    with pytest.raises(train.TrainingError, match="a lung_unet model, but task=classifier"):
+        train.load_init_model(base_model, "classifier", 32)
+    with pytest.raises(train.TrainingError, match="input 32x32 pixels, but data.input_size=64"):
+        train.load_init_model(base_model, "lung_unet", 64)
+    with pytest.raises(train.TrainingError, match="model.init_from: missing"):
+        train.build_model("lung_unet", {"init_from": "???"}, 32)
