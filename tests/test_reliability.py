@@ -568,9 +568,18 @@ def _numbers(tree, prefix=""):
     pytest.param("classifier", "model.dense_units=[8,4]", marks=pytest.mark.slow),
 ])
 def test_deterministic_smoke_runs_give_the_same_metrics(experiment, model_override, tiny_dataset,
-                                                        tmp_path, op_determinism_restored):
-    """Two ``trainer.deterministic=true`` runs: same history and metrics within 1e-6 (absolute)."""
+                                                        tmp_path, op_determinism_restored, monkeypatch):
+    """Two ``trainer.deterministic=true`` runs, the second killed after its first epoch and resumed:
+    same history and metrics within 1e-6 (absolute) -- repeatable, and a resumed run ends where an
+    uninterrupted one does."""
     from radlogics_repro import train
+
+    original = train.ResumeCheckpoint.on_epoch_end
+
+    def killed_after_first_epoch(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated kill")
 
     runs = []
     for name in ("first", "second"):
@@ -579,6 +588,11 @@ def test_deterministic_smoke_runs_give_the_same_metrics(experiment, model_overri
             "data.generate_if_missing=false", "data.input_size=32", "model.weights=null",
             model_override, "trainer.deterministic=true", f"run_dir={tmp_path / name}"])
         cli.check_config(cfg, cli.TRAIN_CONFIG_RULES)
+        if name == "second":
+            monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", killed_after_first_epoch)
+            with pytest.raises(KeyboardInterrupt):
+                train.train(cfg)
+            monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", original)
         train.train(cfg)
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         history = pd.read_csv(tmp_path / name / "history.csv")
