@@ -93,6 +93,7 @@ class AnalysisModels:
     classifier_card: dict
     lung_path: str
     classifier_path: str
+    precision: str = "model"  # the precision the networks run at (after resolving ``auto``)
 
 
 def latest_run_model(runs_dir: str | os.PathLike, task: str) -> Path:
@@ -131,7 +132,7 @@ def load_analysis_models(lung_model: str | None, classifier_model: str | None,
     return AnalysisModels(
         lung_unet=lung_unet, classifier=classifier,
         lung_card=_model_card(lung_path), classifier_card=_model_card(cls_path),
-        lung_path=str(lung_path), classifier_path=str(cls_path),
+        lung_path=str(lung_path), classifier_path=str(cls_path), precision=precision,
     )
 
 
@@ -420,6 +421,7 @@ def report_document(report: StudyReport, study: io.Study, models: AnalysisModels
                                  "init": models.classifier_card.get("init"),
                                  "commit": models.classifier_card.get("commit"),
                                  "data": models.classifier_card.get("data")},
+            "precision": models.precision,
         },
     }
 
