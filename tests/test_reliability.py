@@ -263,8 +263,14 @@ def _compose(config, overrides):
         return compose(config, overrides=overrides)
 
 
+# what the user must add to an experiment (the local fine-tuning needs a manifest and a model)
+_REQUIRED_BY_USER = {"finetune_local": ["data.manifest=local/manifest.csv",
+                                        "model.init_from=runs/lung_unet/x/model.keras"]}
+
+
 @pytest.mark.parametrize("overrides", [
-    *[[f"+experiment={p.stem}"] for p in sorted((REPO / "conf" / "experiment").glob("*.yaml"))],
+    *[[f"+experiment={p.stem}", *_REQUIRED_BY_USER.get(p.stem, [])]
+      for p in sorted((REPO / "conf" / "experiment").glob("*.yaml"))],
     ["+experiment=classifier", "trainer=smoke", "data=ucsd_covid_ct"],
 ])
 def test_shipped_train_configs_pass_the_checks(overrides):
