@@ -77,11 +77,14 @@ def pipeline_row(zoo: ModelZoo, task: str, policy: str, slices: data.SliceSet, *
         raise ValueError(f"in-memory batches {memory.element_spec} differ from the pipeline's "
                          f"{real.element_spec}")
 
-    def fit(dataset):
+    def fit(dataset, n_steps=steps):
         with precision(policy):
-            model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
+            model.fit(dataset, epochs=1, steps_per_epoch=n_steps, verbose=0, shuffle=False)
 
-    timings = interleaved({"pipeline": lambda: fit(real), "memory": lambda: fit(memory)}, repeats)
+    for dataset in (real, memory):  # warm-up: one step each (tracing, the pipeline's first batch)
+        fit(dataset, n_steps=1)
+    timings = interleaved({"pipeline": lambda: fit(real), "memory": lambda: fit(memory)}, repeats,
+                          warmup=0)
     pipeline_rate = timings["pipeline"].rate(steps)
     memory_rate = timings["memory"].rate(steps)
     ratio = pipeline_rate / memory_rate

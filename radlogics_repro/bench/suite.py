@@ -81,7 +81,8 @@ class BenchSettings:
     train_tasks: tuple[str, ...] = TASKS
     train_batch: int | None = None
     pipeline_tasks: tuple[str, ...] = ("classifier", "lung_unet")
-    pipeline_steps: int = 4
+    pipeline_steps: int = 3
+    pipeline_repeats: int = 2
     gradcam_batch: int = 8
     study_slices: int = 300
     study_in_plane: int = 512
@@ -106,6 +107,7 @@ def quick_settings(presets: dict[str, TaskPreset], **overrides) -> BenchSettings
         network=compute.NetworkSettings(size=32, unet_decoder=(8, 8, 8, 8), classifier_dense=(8, 4)),
         classifier_precisions=("float32",), train_precisions=(presets["lung_unet"].precision,), batch=2,
         train_tasks=("lung_unet",), train_batch=2, pipeline_tasks=("lung_unet",), pipeline_steps=2,
+        pipeline_repeats=1,
         gradcam_batch=2, study_slices=16, study_in_plane=64, peer_slices=2, peer_batch=2,
         child_timeout_s=300.0,
         presets={task: dataclasses.replace(p, batch_size=2, decoder_filters=(8, 8, 8, 8),
@@ -188,7 +190,7 @@ def _pipeline(ctx: _Context) -> list[Row]:
                                       s.network.size)
         rows.append(pipeline.pipeline_row(ctx.zoo, task, preset.precision, slices,
                                           batch=preset.batch_size, augment_settings=preset.augment,
-                                          steps=s.pipeline_steps, repeats=s.repeats))
+                                          steps=s.pipeline_steps, repeats=s.pipeline_repeats))
     return rows
 
 
@@ -388,9 +390,10 @@ def document(result: BenchRun, command: str) -> str:
         "model compiled as training compiles it (AdamW, the task's loss and metrics); training batch: the "
         "experiment's "
         + ", ".join(f"{t} {s.train_batch or s.presets[t].batch_size}" for t in s.train_tasks) + ".",
-        "- pipeline: `fit` for a few steps on the training `tf.data` pipeline (slices of the study, "
-        "the experiment's augmentation and precision) vs `fit` on the same batches computed beforehand "
-        "and served from memory.",
+        f"- pipeline: `fit` for {s.pipeline_steps} steps on the training `tf.data` pipeline (slices of "
+        "the study, the experiment's batch size, augmentation and precision) vs `fit` on the same batches "
+        f"computed beforehand and served from memory; one warm-up step each, median of {s.pipeline_repeats} "
+        "interleaved repeats; the network is the models section's (random weights).",
         *[f"- {fact}" for fact in result.facts],
         *[f"- {row.section}, {row.figure}: {note}" for row in result.rows for note in row.notes],
     ]
