@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from radlogics_repro import RESEARCH_USE_NOTICE, provenance  # noqa: E402
+from radlogics_repro.evaluate.metrics import sensitivity_specificity  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
 
 OUT = ROOT / "results" / "ablations"
@@ -83,12 +84,9 @@ def case_threshold_sweep(cases_csv: Path) -> pd.DataFrame:
     ratio = cases["positive_slice_ratio"].to_numpy(float)
     rows = []
     for threshold in CASE_THRESHOLDS:
-        called = ratio >= threshold
-        positives, negatives = labels == 1, labels == 0
-        rows.append({"case threshold": threshold,
-                     "sensitivity": called[positives].mean() if positives.any() else np.nan,
-                     "specificity": (~called[negatives]).mean() if negatives.any() else np.nan,
-                     "cases": len(labels)})
+        sensitivity, specificity = sensitivity_specificity(labels, ratio, threshold)
+        rows.append({"case threshold": threshold, "sensitivity": sensitivity,
+                     "specificity": specificity, "cases": len(labels)})
     return pd.DataFrame(rows)
 
 
