@@ -151,3 +151,51 @@ def classification_augmenter(*, rotate: bool, flip: bool, crop: bool, max_degree
         return image
 
     return augment
+
+
+def random_intensity(image, *, seed, brightness: float = 0.2, contrast: float = 0.3,
+                     gamma: float = 0.3, noise_std: float = 0.03):
+    """Grey-level jitter for contrastive views: contrast about the mean, brightness shift, gamma,
+    Gaussian noise; then clip to [0, 1].
+
+    The CT analogue of SimCLR's colour distortion (a grey image has no hue or saturation): views of
+    one slice differ in window, gain and noise, as scans of one patient on two scanners would.
+
+    Args:
+        image: ``(H, W, C)`` float32 in [0, 1]; one jitter for every channel.
+        brightness: shift drawn from ``[-brightness, brightness]``.
+        contrast: factor drawn from ``[1 - contrast, 1 + contrast]``.
+        gamma: exponent drawn from ``[1 - gamma, 1 + gamma]``.
+        noise_std: standard deviation of the pixel noise, on the [0, 1] scale.
+    """
+    s_b, s_c, s_g, s_n = _seeds(seed, 4)
+    shift = tf.random.stateless_uniform((), s_b, -brightness, brightness)
+    factor = tf.random.stateless_uniform((), s_c, 1.0 - contrast, 1.0 + contrast)
+    exponent = tf.random.stateless_uniform((), s_g, 1.0 - gamma, 1.0 + gamma)
+    mean = tf.reduce_mean(image)
+    out = tf.clip_by_value((image - mean) * factor + mean + shift, 0.0, 1.0)
+    out = tf.pow(out + 1e-6, exponent)
+    noise = tf.random.stateless_normal(tf.shape(image)[:2], s_n, stddev=noise_std)
+    return tf.clip_by_value(out + noise[..., tf.newaxis], 0.0, 1.0)
+
+
+def contrastive_view_augmenter(*, crop_min_scale: float = 0.35, max_degrees: float = 20.0,
+                               brightness: float = 0.2, contrast: float = 0.3, gamma: float = 0.3,
+                               noise_std: float = 0.03):
+    """An ``(image, seed) -> view`` function: one random view of a slice for contrastive
+    pre-training (SimCLR-style: random resized crop, flip, rotation, grey-level jitter).
+
+    The crop is much stronger than the classifier's (down to ``crop_min_scale`` of each side), so
+    two views of one slice often show different parts of the lung: the network has to recognise
+    the slice from local texture, which is what separates ground glass from normal lung.
+    """
+
+    def view(image, seed):
+        s_crop, s_flip, s_rot, s_int = _seeds(seed, 4)
+        image = random_crop(image, seed=s_crop, min_scale=crop_min_scale)
+        image = random_flip(image, seed=s_flip)
+        image = random_rotation(image, seed=s_rot, max_degrees=max_degrees)
+        return random_intensity(image, seed=s_int, brightness=brightness, contrast=contrast,
+                                gamma=gamma, noise_std=noise_std)
+
+    return view

@@ -222,6 +222,10 @@ TRAIN_CONFIG_RULES: dict[str, Check] = {
     "model.dense_units": integers(1),
     "model.decoder_filters": integers(1),
     "model.require_pretrained": boolean(),
+    "model.backbone": one_of("resnet50", "vgg16"),
+    "model.temperature": number(0, above_minimum=True),
+    "model.projection_units": integers(1),
+    "data.max_slices_per_source": integer(1, optional=True),
 }
 """Settings of ``python -m radlogics_repro.train`` checked before a run folder is touched."""
 

@@ -421,8 +421,9 @@ def _train(cfg: DictConfig) -> dict:
     resume = check_run_dir(run_dir, config_yaml, cfg.overwrite)
     environment = provenance.environment()  # at the start: the code this run trains with
     task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
-    if task not in ("lung_unet", "classifier"):
-        raise TrainingError(f"task={task!r}: use +experiment=lung_unet or +experiment=classifier")
+    if task not in ("lung_unet", "classifier", "pretrain"):
+        raise TrainingError(f"task={task!r}: use +experiment=lung_unet, classifier or "
+                            "pretrain_resnet50 / pretrain_vgg16")
     # Before any other TensorFlow work: multi-worker collectives are set up at program start.
     strategy = distribution_strategy(trainer["strategy"])
     keras.utils.set_random_seed(cfg.seed)
@@ -437,11 +438,21 @@ def _train(cfg: DictConfig) -> dict:
     log.info("to resume this run if it stops: python -m radlogics_repro.train %s run_dir=%s",
              " ".join(given) or f"+experiment={task}", run_dir)
 
-    # ---- input pipeline -----------------------------------------------------------------------
-    if data_cfg["kind"] == "volumes" and data_cfg.get("generate_if_missing"):
+    if data_cfg.get("generate_if_missing"):
         from radlogics_repro import synth
 
         synth.ensure_dataset(data_cfg["manifest"], data_cfg["generator"])
+    if task == "pretrain":
+        from radlogics_repro.pretrain import run_pretraining
+
+        metrics_doc = run_pretraining(
+            run_dir=run_dir, resume=resume, config_yaml=config_yaml, plain=plain,
+            environment=environment, strategy=strategy, seed=cfg.seed,
+            training_callbacks=lambda init, stateful: run_callbacks(run_dir, config_yaml, init,
+                                                                    stateful, resume))
+        return _finish_run(run_dir, metrics_doc)
+
+    # ---- input pipeline -----------------------------------------------------------------------
     lung_segmenter = _lung_segmenter(data_cfg) if task == "classifier" else None
     load = lambda split: load_task_slices(  # noqa: E731
         task, data_cfg, split, max_cases=trainer["max_cases_per_split"],
@@ -498,14 +509,7 @@ def _train(cfg: DictConfig) -> dict:
     if resume:
         for name, callback in stateful.items():
             _restore_callback_state(callback, resume["callbacks"].get(name, {}))
-    resume_cb = ResumeCheckpoint(run_dir, config_yaml, init, stateful)
-    nan_guard = StopOnNaN()
-    callbacks = [
-        nan_guard, checkpoint, stopping,
-        keras.callbacks.CSVLogger(run_dir / "history.csv", append=resume is not None),
-        keras.callbacks.TensorBoard(run_dir / "tensorboard", write_graph=False, profile_batch=0),
-        resume_cb,
-    ]
+    callbacks, nan_guard = run_callbacks(run_dir, config_yaml, init, stateful, resume)
 
     # ---- fit ----------------------------------------------------------------------------------
     if first_epoch < epochs:
@@ -545,6 +549,7 @@ def _train(cfg: DictConfig) -> dict:
     # ---- outputs ------------------------------------------------------------------------------
     card = model_card(task, data_cfg, init, threshold, plain, environment["commit"])
     card["case_threshold"] = case_threshold
+    card["pretraining"] = _pretraining_of(plain["model"])
     _atomic_save_model(model, run_dir / "model.keras")
     atomic.write_text(run_dir / "model.json", json.dumps(card, indent=2))
     from radlogics_repro.report import training_figure
@@ -559,12 +564,43 @@ def _train(cfg: DictConfig) -> dict:
         "environment": environment,
         "distribution": {"strategy": trainer["strategy"], "replicas": strategy.num_replicas_in_sync,
                          "global_batch_size": batch},
-        "finished": provenance.environment()["date"],
     }
+    pretraining = _pretraining_of(plain["model"])
+    if pretraining is not None:
+        metrics_doc["pretraining"] = pretraining
+    log.info("done: %s", json.dumps(results, default=float))
+    return _finish_run(run_dir, metrics_doc)
+
+
+def run_callbacks(run_dir: Path, config_yaml: str, init: str, stateful: dict,
+                  resume: dict | None) -> tuple[list, StopOnNaN]:
+    """The callbacks of every training run: NaN guard, the ``stateful`` ones (checkpoint, early
+    stopping: their state is saved for resuming), CSV history, TensorBoard, resume checkpoint.
+    Returns (callbacks, the NaN guard)."""
+    nan_guard = StopOnNaN()
+    callbacks = [
+        nan_guard, *stateful.values(),
+        keras.callbacks.CSVLogger(run_dir / "history.csv", append=resume is not None),
+        keras.callbacks.TensorBoard(run_dir / "tensorboard", write_graph=False, profile_batch=0),
+        ResumeCheckpoint(run_dir, config_yaml, init, stateful),
+    ]
+    return callbacks, nan_guard
+
+
+def _finish_run(run_dir: Path, metrics_doc: dict) -> dict:
+    """Write metrics.json (the mark of a finished run) and drop the resume state."""
+    metrics_doc["finished"] = provenance.environment()["date"]
     atomic.write_text(run_dir / "metrics.json", json.dumps(metrics_doc, indent=2, default=float))
     shutil.rmtree(run_dir / "resume", ignore_errors=True)
-    log.info("done: %s", json.dumps(results, default=float))
     return metrics_doc
+
+
+def _pretraining_of(model_cfg: dict) -> dict | None:
+    """The provenance card of the self-supervised weights the backbone started from, if any (not
+    for a fine-tuning run: its init record names the model it started from)."""
+    if model_cfg.get("init_from"):
+        return None
+    return models.pretraining_provenance(model_cfg.get("weights"))
 
 
 def _loss_is_nan(history) -> bool:

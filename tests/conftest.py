@@ -51,3 +51,23 @@ def tiny_models(tmp_path_factory):
         (path.parent / "model.json").write_text(json.dumps(card))
         paths[name] = path
     return paths
+
+
+@pytest.fixture(scope="session")
+def pretrained_backbone(tiny_dataset, tmp_path_factory) -> Path:
+    """A tiny SimCLR pre-training run of the ResNet-50 (32 px, one epoch, 8 slices of the tiny
+    dataset), as ``python -m radlogics_repro.train +experiment=pretrain_resnet50`` writes it: its
+    run folder (``backbone.weights.h5``, ``backbone.pretraining.json``, ...)."""
+    from hydra import compose, initialize_config_module
+
+    from radlogics_repro import train
+
+    base = tmp_path_factory.mktemp("pretrain")
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "+experiment=pretrain_resnet50", "trainer=smoke", "trainer.epochs=1",
+            "trainer.batch_size=4", f"data.manifest={tiny_dataset}", "data.generate_if_missing=false",
+            "data.input_size=32", "data.max_slices_per_source=8", "model.projection_units=[16,8]",
+            f"paths.cache_dir={base / 'cache'}", f"run_dir={base / 'run'}"])
+    train.train(cfg)
+    return base / "run"

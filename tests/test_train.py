@@ -31,27 +31,38 @@ EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "con
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_smoke_shrinks_it(experiment):
     cfg = compose_train([f"+experiment={experiment}"])
-    assert cfg.task in ("lung_unet", "classifier")
+    assert cfg.task in ("lung_unet", "classifier", "pretrain")
     assert cfg.model.kind == cfg.task
-    assert cfg.data.input_size == 224
-    assert cfg.model.weights == "imagenet"
+    if cfg.task == "pretrain":  # self-supervised: from random init, on a smaller input
+        assert cfg.model.weights is None and cfg.data.kind == "unlabeled"
+        assert cfg.model.backbone == experiment.removeprefix("pretrain_")
+    else:
+        assert cfg.data.input_size == 224
+        assert cfg.model.weights == "imagenet"
     assert cfg.trainer.epochs > 2
     smoke = compose_train([f"+experiment={experiment}", "trainer=smoke"])
     assert smoke.trainer.epochs == 2 and smoke.trainer.max_cases_per_split == 2
 
 
-def test_classifier_smoke_run_writes_every_output(tiny_dataset, tmp_path):
+def test_classifier_smoke_run_writes_every_output(tiny_dataset, pretrained_backbone, tmp_path):
+    """Also: a backbone from self-supervised pre-training carries its provenance card into the run."""
     run_dir = tmp_path / "run"
-    cfg = compose_train(smoke_overrides("classifier", tiny_dataset, run_dir, extra=[
-        "trainer.precision=mixed_bfloat16", "trainer.batchnorm_momentum=0.9"]))
-    result = train.train(cfg)
+    weights = pretrained_backbone / "backbone.weights.h5"
+    pretraining = json.loads((pretrained_backbone / "backbone.pretraining.json").read_text())
+    overrides = [o for o in smoke_overrides("classifier", tiny_dataset, run_dir, extra=[
+        "trainer.precision=mixed_bfloat16", "trainer.batchnorm_momentum=0.9"])
+        if o != "model.weights=null"]
+    result = train.train(compose_train([*overrides, f"model.weights={weights}"]))
+    init = result["init"]
+    assert init.startswith("file: backbone.weights.h5 (sha256 ")
+    assert init.endswith(f"; pretrained: {pretraining['summary']}")
     assert keras.mixed_precision.global_policy().name == "float32"  # restored after the run
     for name in ("model.keras", "model.json", "history.csv", "config.yaml", "metrics.json",
                  "predictions.png"):
         assert (run_dir / name).exists(), name
     assert not (run_dir / "resume").exists()
-    assert result["init"] == "random"
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["init"] == init and metrics["pretraining"] == pretraining
     assert "Research use only" in metrics["notice"]
     assert len(pd.read_csv(run_dir / "history.csv")) == 2
     val = metrics["metrics"]["val"]
@@ -60,7 +71,8 @@ def test_classifier_smoke_run_writes_every_output(tiny_dataset, tmp_path):
     card = json.loads((run_dir / "model.json").read_text())
     assert card["input_size"] == 32 and card["task"] == "classifier"
     assert card["operating_threshold"] == metrics["operating_threshold"]
-    assert card["input_mode"] == "lung_crop" and card["init"] == "random"
+    assert card["input_mode"] == "lung_crop" and card["init"] == init
+    assert card["pretraining"] == pretraining
 
 
 def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):

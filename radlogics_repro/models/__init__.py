@@ -7,9 +7,17 @@
   each model. Pretrained-weights sources and the offline fallback: :mod:`.weights`.
 * :func:`load_model` loads a saved ``.keras`` model in safe mode; :func:`count_flops` counts FLOPs;
   :func:`with_compute_precision` runs a model at another precision (float32 / bfloat16).
+* :func:`build_contrastive_model` -- SimCLR pre-training of either backbone on unlabeled CT;
+  :func:`export_backbone` writes the weights file the two networks load (:mod:`.contrastive`).
 """
 
 from radlogics_repro.models.classifier import GRADCAM_LAYERS, build_slice_classifier
+from radlogics_repro.models.contrastive import (
+    NTXentLoss,
+    build_contrastive_model,
+    export_backbone,
+    pair_accuracy,
+)
 from radlogics_repro.models.flops import count_flops
 from radlogics_repro.models.precision import (
     POLICIES,
@@ -25,6 +33,8 @@ from radlogics_repro.models.weights import (
     PretrainedWeightsError,
     init_record,
     load_model,
+    pretraining_card_path,
+    pretraining_provenance,
 )
 
 __all__ = [
@@ -34,12 +44,18 @@ __all__ = [
     "PRECISION_CHOICES",
     "ImageNetCaffePreprocess",
     "ModelLoadError",
+    "NTXentLoss",
     "PretrainedWeightsError",
+    "build_contrastive_model",
     "build_lung_unet",
     "build_slice_classifier",
     "count_flops",
+    "export_backbone",
     "init_record",
     "load_model",
+    "pair_accuracy",
+    "pretraining_card_path",
+    "pretraining_provenance",
     "resolve_precision",
     "with_compute_precision",
 ]

@@ -39,6 +39,7 @@ serialisable layer (no ``Lambda``), so training and inference share one function
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import warnings
@@ -219,7 +220,39 @@ def resolve_backbone(
 
     model = _build(spec, None, input_tensor)
     _load_weights_file(model, source, spec)
-    return model, f"file: {source.name} (sha256 {file_sha256(source)[:12]})"
+    record = f"file: {source.name} (sha256 {file_sha256(source)[:12]})"
+    pretraining = pretraining_provenance(source)
+    if pretraining is not None:
+        record += f"; pretrained: {pretraining.get('summary', 'see ' + pretraining_card_path(source).name)}"
+    return model, record
+
+
+def pretraining_card_path(weights_path: str | os.PathLike) -> Path:
+    """Where the provenance of a pre-trained weights file is kept: beside it, ``<stem>.pretraining.json``
+    (``backbone.weights.h5`` -> ``backbone.pretraining.json``)."""
+    path = Path(weights_path)
+    stem = path.name
+    for suffix in (".weights.h5", ".h5", ".keras"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return path.with_name(stem + ".pretraining.json")
+
+
+def pretraining_provenance(weights) -> dict | None:
+    """The provenance card of a local weights file written by pre-training (method, backbone, data,
+    epochs, input size, commit, ``summary``), or None for ImageNet, random init or a file without
+    a card. A card that is not valid JSON is a PretrainedWeightsError naming it."""
+    source = parse_weights(weights)
+    if not isinstance(source, Path):
+        return None
+    card = pretraining_card_path(source)
+    if not card.is_file():
+        return None
+    try:
+        return json.loads(card.read_text())
+    except (OSError, ValueError) as exc:
+        raise PretrainedWeightsError(f"{card}: unreadable pre-training card ({_one_line(exc)})") from exc
 
 
 def _build(spec: BackboneSpec, weights, input_tensor) -> keras.Model:
@@ -305,30 +338,35 @@ def _layers_by_name(model: keras.Model) -> dict[str, keras.layers.Layer]:
     return found
 
 
-def _copy_weights_by_name(model: keras.Model, path: Path, spec: BackboneSpec) -> None:
-    try:
-        source = load_model(path)
-    except ModelLoadError as exc:
-        raise PretrainedWeightsError(str(exc)) from exc
+def copy_weights_by_name(source: keras.Model, target: keras.Model) -> None:
+    """Copy into every layer of ``target`` that has weights the weights of the layer of the same
+    name in ``source`` (searched in nested models too).
+
+    Raises:
+        ValueError: ``source`` has no layer of that name, or its weight shapes differ.
+    """
     available = _layers_by_name(source)
-    for layer in model.layers:
-        target = layer.get_weights()
-        if not target:
+    for layer in target.layers:
+        wanted = layer.get_weights()
+        if not wanted:
             continue
         donor = available.get(layer.name)
         if donor is None:
-            raise PretrainedWeightsError(
-                f"weights file {path} does not fit the {spec.constructor} backbone: "
-                f"it has no layer named {layer.name!r}"
-            )
+            raise ValueError(f"it has no layer named {layer.name!r}")
         values = donor.get_weights()
-        if [w.shape for w in values] != [w.shape for w in target]:
-            raise PretrainedWeightsError(
-                f"weights file {path} does not fit the {spec.constructor} backbone: layer "
-                f"{layer.name!r} has weight shapes {[w.shape for w in values]}, expected "
-                f"{[w.shape for w in target]}"
-            )
+        if [w.shape for w in values] != [w.shape for w in wanted]:
+            raise ValueError(f"layer {layer.name!r} has weight shapes {[w.shape for w in values]}, "
+                             f"expected {[w.shape for w in wanted]}")
         layer.set_weights(values)
+
+
+def _copy_weights_by_name(model: keras.Model, path: Path, spec: BackboneSpec) -> None:
+    try:
+        copy_weights_by_name(load_model(path), model)
+    except (ModelLoadError, ValueError) as exc:
+        raise PretrainedWeightsError(
+            f"weights file {path} does not fit the {spec.constructor} backbone: {exc}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------------

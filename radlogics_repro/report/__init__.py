@@ -1,6 +1,6 @@
 """Figures and reports (matplotlib, headless). Every figure carries the research-use notice."""
 
-from radlogics_repro.report.figures import training_figure
+from radlogics_repro.report.figures import training_figure, view_pairs_figure
 from radlogics_repro.report.html import render_html_report, screenshot_html, write_html_report
 from radlogics_repro.report.overview import render_3d_overview
 from radlogics_repro.report.study_figures import (
@@ -19,5 +19,6 @@ __all__ = [
     "screenshot_html",
     "slice_overlay_png",
     "training_figure",
+    "view_pairs_figure",
     "write_html_report",
 ]

@@ -50,3 +50,28 @@ def training_figure(task: str, model, slices, path: str | os.PathLike, n: int = 
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def view_pairs_figure(views: np.ndarray, path: str | os.PathLike, title: str) -> Path:
+    """A PNG of contrastive view pairs, one pair per column (top: view 1, bottom: view 2).
+
+    Args:
+        views: ``(2P, H, W, C)`` in [0, 1], the two views of pair k at rows 2k and 2k + 1 (the
+            layout of :func:`radlogics_repro.unlabeled.contrastive_dataset`); channel 0 is shown.
+    """
+    pairs = max(len(views) // 2, 1)
+    fig, axes = plt.subplots(2, pairs, figsize=(1.8 * pairs, 3.8), squeeze=False)
+    for k in range(pairs):
+        for row in range(2):
+            ax = axes[row][k]
+            if 2 * k + row < len(views):
+                ax.imshow(np.asarray(views[2 * k + row])[..., 0], cmap="gray", vmin=0, vmax=1)
+            ax.axis("off")
+    fig.suptitle(f"{title}\n{RESEARCH_USE_NOTICE}", fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
