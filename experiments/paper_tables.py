@@ -29,14 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from radlogics_repro import RESEARCH_USE_NOTICE, provenance  # noqa: E402
 from radlogics_repro.analyze import latest_run_model  # noqa: E402
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "n/a"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 
 
 def evaluate(name: str, max_cases: int | None) -> Path:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from radlogics_repro import RESEARCH_USE_NOTICE, data, localize, models, preprocess, provenance  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
-from radlogics_repro.evaluate.plots import _fmt  # noqa: E402
+from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 from radlogics_repro.train import predict  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radlogics_repro import augment, data, io, models, train, unlabeled
+from radlogics_repro import augment, data, io, models, unlabeled
 
 
 def test_a_folder_source_finds_dicom_series_nifti_and_images_and_ignores_the_rest(tmp_path):

@@ -575,9 +575,9 @@ def _numbers(tree, prefix=""):
 ])
 def test_deterministic_smoke_runs_give_the_same_metrics(experiment, model_override, tiny_dataset,
                                                         tmp_path, op_determinism_restored, monkeypatch):
-    """Two ``trainer.deterministic=true`` runs, the second killed after its first epoch and resumed:
-    same history and metrics within 1e-6 (absolute) -- repeatable, and a resumed run ends where an
-    uninterrupted one does."""
+    """Two ``trainer.deterministic=true`` runs, the second killed after its first epoch and resumed
+    (mid warm-up/cosine schedule): same history and metrics within 1e-6 (absolute) -- repeatable,
+    and a resumed run ends where an uninterrupted one does."""
     from radlogics_repro import train
 
     original = train.ResumeCheckpoint.on_epoch_end
@@ -592,12 +592,15 @@ def test_deterministic_smoke_runs_give_the_same_metrics(experiment, model_overri
         cfg = _compose("train", [
             f"+experiment={experiment}", "trainer=smoke", f"data.manifest={tiny_dataset}",
             "data.generate_if_missing=false", "data.input_size=32", "model.weights=null",
-            model_override, "trainer.deterministic=true", f"run_dir={tmp_path / name}"])
+            model_override, "trainer.deterministic=true", "trainer.lr_schedule=cosine",
+            "trainer.warmup_epochs=1", f"run_dir={tmp_path / name}"])
         cli.check_config(cfg, cli.TRAIN_CONFIG_RULES)
         if name == "second":
             monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", killed_after_first_epoch)
             with pytest.raises(KeyboardInterrupt):
                 train.train(cfg)
+            state = json.loads((tmp_path / name / "resume" / "state.json").read_text())
+            assert state["epoch"] == 1 and not (tmp_path / name / "metrics.json").exists()
             monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", original)
         train.train(cfg)
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())

@@ -84,34 +84,6 @@ def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
         train.train(cfg)
 
 
-def test_lung_unet_smoke_run_is_killed_and_resumes(tiny_dataset, tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    overrides = smoke_overrides("lung_unet", tiny_dataset, run_dir, extra=[
-        "trainer.lr_schedule=cosine", "trainer.warmup_epochs=1"])
-    original = train.ResumeCheckpoint.on_epoch_end
-
-    def killed_after_first_epoch(self, epoch, logs=None):
-        original(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("simulated kill")
-
-    monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(compose_train(overrides))
-    state = json.loads((run_dir / "resume" / "state.json").read_text())
-    assert state["epoch"] == 1 and not (run_dir / "metrics.json").exists()
-
-    monkeypatch.setattr(train.ResumeCheckpoint, "on_epoch_end", original)
-    result = train.train(compose_train(overrides))
-    history = pd.read_csv(run_dir / "history.csv")
-    assert list(history["epoch"]) == [0, 1]
-    assert result["init"] == "random"
-    assert 0.0 <= result["metrics"]["val"]["dice_mean"] <= 1.0
-    card = json.loads((Path(run_dir) / "model.json").read_text())
-    assert card["input_size"] == 32 and card["task"] == "lung_unet" and card["init"] == "random"
-    assert not (run_dir / "resume").exists()
-
-
 def test_resume_refuses_a_different_config(tiny_dataset, tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "resume").mkdir(parents=True)

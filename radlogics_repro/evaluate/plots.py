@@ -101,11 +101,12 @@ def corona_curves_figure(evaluation, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _fmt(value, digits=3) -> str:
+def format_value(value, digits: int = 3) -> str:
+    """A number for a table: `digits` decimals for floats, "n/a" for None or NaN, lists in brackets."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
+        return "[" + ", ".join(format_value(v, digits) for v in value) + "]"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
@@ -113,7 +114,7 @@ def frame_markdown(frame, digits: int = 3) -> str:
     """A pandas frame as a Markdown table (floats with ``digits`` decimals, NaN as n/a)."""
     header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(_fmt(v.item() if hasattr(v, "item") else v, digits) for v in row) + " |"
+    body = ["| " + " | ".join(format_value(v.item() if hasattr(v, "item") else v, digits) for v in row) + " |"
             for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
@@ -125,42 +126,42 @@ def summary_markdown(document: dict) -> str:
     s, c = m["slice"], m["case"]
     rows = [
         ("cases / patients / lung slices", f"{m['n_cases']} / {m['n_patients']} / {m['n_slices']}"),
-        ("slice AUC [95% CI, by patient]", f"{_fmt(s['auc'])} {_fmt(s['auc_ci95'])}"),
+        ("slice AUC [95% CI, by patient]", f"{format_value(s['auc'])} {format_value(s['auc_ci95'])}"),
         ("slice sensitivity / specificity at the stored threshold",
-         f"{_fmt(s['at_stored_threshold']['sensitivity'])} / "
-         f"{_fmt(s['at_stored_threshold']['specificity'])}"),
-        ("case AUC [95% CI, by patient]", f"{_fmt(c['auc'])} {_fmt(c['auc_ci95'])}"),
+         f"{format_value(s['at_stored_threshold']['sensitivity'])} / "
+         f"{format_value(s['at_stored_threshold']['specificity'])}"),
+        ("case AUC [95% CI, by patient]", f"{format_value(c['auc'])} {format_value(c['auc_ci95'])}"),
         ("case sensitivity / specificity at the stored case threshold "
-         f"({_fmt(c['at_stored_threshold']['threshold'])})",
-         f"{_fmt(c['at_stored_threshold']['sensitivity'])} / "
-         f"{_fmt(c['at_stored_threshold']['specificity'])}"),
-        ("lung Dice, mean (min) over cases", f"{_fmt(m['lung_dice']['all_mean'])} "
-                                             f"({_fmt(m['lung_dice']['all_min'])})"),
+         f"({format_value(c['at_stored_threshold']['threshold'])})",
+         f"{format_value(c['at_stored_threshold']['sensitivity'])} / "
+         f"{format_value(c['at_stored_threshold']['specificity'])}"),
+        ("lung Dice, mean (min) over cases", f"{format_value(m['lung_dice']['all_mean'])} "
+                                             f"({format_value(m['lung_dice']['all_min'])})"),
         (f"lung Dice, severe subset (n={m['lung_dice']['n_severe']})",
-         _fmt(m["lung_dice"]["severe_mean"])),
+         format_value(m["lung_dice"]["severe_mean"])),
         ("infection Dice (mean over cases with lesions)",
-         _fmt(m["localization"]["infection_dice_mean"])),
-        ("fine-map pixel AUROC in the lung", _fmt(m["localization"]["pixel_auroc_mean"])),
-        ("pointing game (positive slices with lesion)", _fmt(m["localization"]["pointing_game"])),
+         format_value(m["localization"]["infection_dice_mean"])),
+        ("fine-map pixel AUROC in the lung", format_value(m["localization"]["pixel_auroc_mean"])),
+        ("pointing game (positive slices with lesion)", format_value(m["localization"]["pointing_game"])),
         ("Corona Score vs reference: Pearson r / Spearman rho",
-         f"{_fmt(m['corona_vs_reference']['pearson_r'])} / "
-         f"{_fmt(m['corona_vs_reference']['spearman_rho'])}"),
+         f"{format_value(m['corona_vs_reference']['pearson_r'])} / "
+         f"{format_value(m['corona_vs_reference']['spearman_rho'])}"),
         ("Corona Score - reference: bias [95% limits] cm^3",
-         f"{_fmt(m['corona_vs_reference']['bias'], 1)} "
-         f"[{_fmt(m['corona_vs_reference']['loa_low'], 1)}, "
-         f"{_fmt(m['corona_vs_reference']['loa_high'], 1)}]"),
+         f"{format_value(m['corona_vs_reference']['bias'], 1)} "
+         f"[{format_value(m['corona_vs_reference']['loa_low'], 1)}, "
+         f"{format_value(m['corona_vs_reference']['loa_high'], 1)}]"),
     ]
     if "breath_phase" in m:
         bp = m["breath_phase"]
         rows.append(("breath phase from lung volume, F1 (exhalation positive): all scans / "
                      "patients with >= 2 scans",
-                     f"{_fmt(bp['all_scans']['f1'])} (n={bp['all_scans']['n_scans']}) / "
-                     f"{_fmt(bp['longitudinal_patients']['f1'])} "
+                     f"{format_value(bp['all_scans']['f1'])} (n={bp['all_scans']['n_scans']}) / "
+                     f"{format_value(bp['longitudinal_patients']['f1'])} "
                      f"(n={bp['longitudinal_patients']['n_scans']})"))
     if "at_98.2%_sensitivity" in c:
         hs = c["at_98.2%_sensitivity"]
         rows.insert(5, ("case sensitivity / specificity at the 98.2 %-sensitivity point",
-                        f"{_fmt(hs['sensitivity'])} / {_fmt(hs['specificity'])}"))
+                        f"{format_value(hs['sensitivity'])} / {format_value(hs['specificity'])}"))
     lines = [f"# Evaluation `{document['name']}` (split `{document['split']}`)", "",
              f"{RESEARCH_USE_NOTICE} Data: {document['data']['name']} "
              f"(`{Path(document['data']['manifest']).parent.name}`), synthetic unless stated.", "",
