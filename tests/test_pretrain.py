@@ -90,9 +90,9 @@ def test_nt_xent_rewards_matching_pairs_and_counts_pair_accuracy():
     assert float(np.mean(models.pair_accuracy(zeros, swapped))) == 0.0
 
 
-def test_the_pretext_loss_decreases_on_a_tiny_run():
+def test_the_pretext_loss_decreases_on_a_tiny_run(tmp_path):
     """The VGG16 network (the lung U-Net's encoder; the ResNet-50 one trains in the fixture run)
-    learns to pair the views of one batch."""
+    learns to pair the views of one batch, and the U-Net starts from its exported encoder."""
     keras.utils.set_random_seed(0)
     model = models.build_contrastive_model("vgg16", (32, 32, 3), (32, 16))
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss=models.NTXentLoss(0.2),
@@ -106,6 +106,14 @@ def test_the_pretext_loss_decreases_on_a_tiny_run():
     after = model.evaluate(views, targets, verbose=0, return_dict=True)
     assert after["loss"] < 0.7 * before["loss"]
     assert after["pair_accuracy"] > before["pair_accuracy"]
+
+    models.export_backbone(model, "vgg16", tmp_path / "vgg16.weights.h5")
+    unet = models.build_lung_unet((64, 64, 3), encoder_weights=tmp_path / "vgg16.weights.h5",
+                                  decoder_filters=(8, 8, 8, 8))
+    for layer in ("block1_conv1", "block5_conv3"):
+        for got, want in zip(unet.get_layer(layer).get_weights(), model.get_layer(layer).get_weights(),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_a_pretraining_run_writes_a_backbone_file_with_its_provenance_card(pretrained_backbone,
