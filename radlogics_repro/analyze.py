@@ -451,13 +451,15 @@ def write_study_outputs(report: StudyReport, study: io.Study, models: AnalysisMo
         report.slices.to_csv(tmp / "slices.csv", index=False, float_format="%.6g")
         images = {}
         # The overview is drawn at ~target_mm blocks anyway: give it every other pixel in-plane of
-        # large slices, which keeps its four bool masks at a quarter of the study's size.
+        # large slices, which keeps its bool masks at a quarter of the study's size. The lung is
+        # passed as its labels (the overview draws nonzero voxels) and the infection as its two
+        # kinds only (labels are 0..2, so ``> 0`` is their union): two bool volumes, not four.
         step = 2 if min(study.hu.shape[1:]) > 256 else 1
         lung_view = report.lung_labels[:, ::step, ::step]
         infection_view = report.infection_labels[:, ::step, ::step]
         spacing_view = (study.spacing[0], study.spacing[1] * step, study.spacing[2] * step)
         overview = figures.render_3d_overview(
-            lung_view > 0, infection_view > 0, spacing_view, tmp / "overview_3d.png",
+            lung_view, None, spacing_view, tmp / "overview_3d.png",
             ggo_mask=infection_view == 1, consolidation_mask=infection_view == 2,
             title=report.case_id)
         images["3D overview: lungs and infection (GGO / consolidation)"] = overview

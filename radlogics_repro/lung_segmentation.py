@@ -107,6 +107,20 @@ def _bounding_slices(mask: np.ndarray) -> tuple[slice, slice, slice]:
     return tuple(box)
 
 
+def _label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """3D connected components (face connectivity) of a bool ``(Z, H, W)`` mask: labels 1..n and n.
+
+    The labels are uint16 when n fits (half the memory of ``ndimage.label``'s default int32; same
+    numbering), else int32."""
+    labels = np.empty(mask.shape, np.uint16)
+    try:
+        return labels, int(ndimage.label(mask, output=labels))
+    except RuntimeError:  # more than 65,535 components: "insufficient bit-depth"
+        del labels
+        labels, n = ndimage.label(mask)
+        return labels, int(n)
+
+
 def _component_sizes(labels: np.ndarray, n: int, chunk: int = 32) -> np.ndarray:
     """Voxel count of components 1..n of a ``(Z, H, W)`` label array: ``(n,)`` int64.
 
@@ -122,17 +136,18 @@ def keep_lung_components(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 3D component and the second largest if it is at least
     :data:`MIN_SECOND_LUNG_FRACTION` of the first. bool ``(Z, H, W)`` -> bool.
 
-    Labelling runs inside the mask's bounding box, so its int32 label array stays small."""
+    Labelling runs inside the mask's bounding box, with uint16 labels when they fit
+    (:func:`_label_components`), so the label array stays small."""
     out = np.zeros(mask.shape, bool)
     if not mask.any():
         return out
     box = _bounding_slices(mask)
-    labels, n = ndimage.label(mask[box])
+    labels, n = _label_components(mask[box])
     sizes = _component_sizes(labels, n)
     order = np.argsort(sizes)[::-1]
-    keep = [order[0] + 1]
+    keep = [int(order[0]) + 1]
     if n > 1 and sizes[order[1]] >= MIN_SECOND_LUNG_FRACTION * sizes[order[0]]:
-        keep.append(order[1] + 1)
+        keep.append(int(order[1]) + 1)
     kept = labels == keep[0]   # not np.isin: it sorts a copy of the label volume (GBs)
     for label in keep[1:]:
         kept |= labels == label
@@ -151,10 +166,10 @@ def label_right_left(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return out
     box = _bounding_slices(mask)
-    labels, n = ndimage.label(mask[box])
+    labels, n = _label_components(mask[box])
     if n >= 2:
         sizes = _component_sizes(labels, n)
-        first, second = np.argsort(sizes)[::-1][:2] + 1
+        first, second = (int(c) for c in np.argsort(sizes)[::-1][:2] + 1)
         x = np.arange(labels.shape[2])
         cx = [float((np.count_nonzero(labels == c, axis=(0, 1)) * x).sum()) / sizes[c - 1]
               for c in (first, second)]

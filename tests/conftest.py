@@ -33,9 +33,12 @@ def tiny_models(tmp_path_factory):
     """Untrained 32-pixel networks saved as .keras with model cards, as training would write them."""
     import json
 
+    import keras
+
     from radlogics_repro import models
 
     folder = tmp_path_factory.mktemp("models")
+    keras.utils.set_random_seed(2)  # untrained, but the same networks in every session
     lung = models.build_lung_unet(input_shape=(32, 32, 3), encoder_weights=None,
                                   decoder_filters=(8, 8, 8, 8))
     classifier = models.build_slice_classifier(input_shape=(32, 32, 3), weights=None,

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from radlogics_repro import io
 from radlogics_repro import lung_segmentation as ls
@@ -27,6 +28,22 @@ def test_keep_lung_components_drops_small_debris():
     one[1, 25:27, 25:27] = True
     assert ls.keep_lung_components(one).sum() == 4 * 400
     assert not ls.keep_lung_components(np.zeros((2, 3, 3), bool)).any()
+
+
+def test_keep_lung_components_with_more_labels_than_uint16_holds():
+    """Past 65,535 components the labels fall back to int32: the same two lungs are kept."""
+    mask = np.zeros((3, 560, 560), bool)
+    mask[1, ::2, ::2] = True                # 78,400 single-voxel specks
+    mask[:, 101:301, 101:301] = True        # the largest
+    mask[:, 401:451, 401:451] = True        # the second, 6 % of the largest
+    labels, n = ls._label_components(mask)
+    assert n > 65535 and labels.dtype == np.int32
+    kept = ls.keep_lung_components(mask)
+    lungs = np.zeros_like(mask)
+    lungs[:, 101:301, 101:301] = lungs[:, 401:451, 401:451] = True
+    specks_touching = mask & ~lungs & ndimage.binary_dilation(lungs)
+    np.testing.assert_array_equal(kept, lungs | specks_touching)
+    assert ls._label_components(_two_lungs())[0].dtype == np.uint16
 
 
 def test_fill_holes_per_slice():

@@ -95,7 +95,7 @@ def render_3d_overview(
     """Write a PNG of the lung surface (translucent) and the infection surface(s) (opaque).
 
     Args:
-        lung_mask: ``(z, y, x)`` bool/0-1 lung mask, canonical orientation.
+        lung_mask: ``(z, y, x)`` lung mask, canonical orientation: bool, or labels (nonzero = lung).
         infection_mask: ``(z, y, x)`` bool/0-1 infection mask, or None. Drawn in one colour unless
             ``ggo_mask`` or ``consolidation_mask`` is given and not empty, in which case those are
             drawn instead, in two colours.
@@ -175,7 +175,7 @@ def mask_surface(
     spacing = _check_spacing(spacing)
     if not mask.any():
         return None
-    crop, origin = _crop_to_content(mask > 0)
+    crop, origin = _crop_to_content(mask if mask.dtype == bool else mask > 0)  # no copy of a bool mask
     target = float(target_mm)
     for _ in range(6):
         factors = tuple(max(1, round(target / s)) for s in spacing)
