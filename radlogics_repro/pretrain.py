@@ -47,18 +47,8 @@ def load_pretraining_slices(data_cfg: dict, *, cache_dir: Path | None) -> tuple[
     key = {"task": "pretrain", "split": "all", "sources": sources,
            "fingerprint": unlabeled.sources_fingerprint(sources), **params}
     slices = data.cached_slices(cache_dir, key,
-                                lambda: unlabeled.load_unlabeled_slices(sources, **params)[0])
-    return slices, source_summary(slices, sources)
-
-
-def source_summary(slices: data.SliceSet, sources: list[str]) -> list[dict]:
-    """Per source: its path, how many items (volumes, images) and slices it gave."""
-    out = []
-    for number, source in enumerate(sources):
-        mine = slices.patient_ids == str(number)
-        out.append({"source": source, "items": int(np.unique(slices.case_ids[mine]).size),
-                    "slices": int(mine.sum())})
-    return out
+                                lambda: unlabeled.load_unlabeled_slices(sources, **params))
+    return slices, unlabeled.source_summary(slices, sources)
 
 
 def compile_pretraining(model: keras.Model, learning_rate, weight_decay: float,
@@ -119,7 +109,12 @@ def run_pretraining(*, run_dir: Path, resume: dict | None, config_yaml: str, pla
     Returns metrics.json's content.
     """
     from radlogics_repro.report import view_pairs_figure
-    from radlogics_repro.train import TrainingError, _atomic_save_model, learning_rate_schedule
+    from radlogics_repro.train import (
+        TrainingError,
+        learning_rate_schedule,
+        save_model_atomically,
+        set_batchnorm_momentum,
+    )
 
     trainer, data_cfg, model_cfg = plain["trainer"], plain["data"], plain["model"]
     backbone, size = model_cfg["backbone"], data_cfg["input_size"]
@@ -143,8 +138,6 @@ def run_pretraining(*, run_dir: Path, resume: dict | None, config_yaml: str, pla
             model = models.build_contrastive_model(backbone, (size, size, 3),
                                                    model_cfg["projection_units"], model_cfg["weights"])
             init = models.init_record(model)
-            from radlogics_repro.train import set_batchnorm_momentum
-
             set_batchnorm_momentum(model, trainer["batchnorm_momentum"])
             schedule = learning_rate_schedule(trainer["learning_rate"], epochs * steps,
                                               trainer["warmup_epochs"] * steps, trainer["lr_schedule"])
@@ -170,7 +163,7 @@ def run_pretraining(*, run_dir: Path, resume: dict | None, config_yaml: str, pla
                            environment=environment, run_dir=run_dir,
                            weights_sha256=file_sha256(weights_path))
     atomic.write_text(models.pretraining_card_path(weights_path), json.dumps(card, indent=2))
-    _atomic_save_model(model, run_dir / "model.keras")
+    save_model_atomically(model, run_dir / "model.keras")
     sample, _ = next(iter(unlabeled.contrastive_dataset(
         slices.evenly_spaced(6).images, view=view, batch_size=6, seed=seed)))
     view_pairs_figure(sample.numpy(), run_dir / "views.png",

@@ -98,7 +98,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save_model(self.model, self.folder / "last.keras")
+        save_model_atomically(self.model, self.folder / "last.keras")
         state = {"epoch": epoch + 1, "config": self.config_yaml, "init": self.init,
                  "callbacks": {name: _callback_state(cb) for name, cb in self.stateful.items()}}
         atomic.write_text(self.folder / "state.json", json.dumps(state, indent=1))
@@ -126,7 +126,7 @@ def _restore_callback_state(callback, state: dict) -> None:
         setattr(callback, key, int(value) if key in ("wait", "best_epoch") else value)
 
 
-def _atomic_save_model(model: keras.Model, path: Path) -> None:
+def save_model_atomically(model: keras.Model, path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.keras")
     model.save(tmp)
     os.replace(tmp, path)
@@ -550,7 +550,7 @@ def _train(cfg: DictConfig) -> dict:
     card = model_card(task, data_cfg, init, threshold, plain, environment["commit"])
     card["case_threshold"] = case_threshold
     card["pretraining"] = _pretraining_of(plain["model"])
-    _atomic_save_model(model, run_dir / "model.keras")
+    save_model_atomically(model, run_dir / "model.keras")
     atomic.write_text(run_dir / "model.json", json.dumps(card, indent=2))
     from radlogics_repro.report import training_figure
 

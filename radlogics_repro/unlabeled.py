@@ -5,7 +5,8 @@ A *source* is one path:
 * a dataset manifest (``manifest.csv``, e.g. the synthetic phantoms): the studies of the chosen
   splits (default train and val, so a test split stays unseen even without its labels);
 * a NIfTI file (``.nii`` / ``.nii.gz``): one HU volume;
-* a folder: searched recursively. Each folder holding ``.dcm`` files is one DICOM series (HU);
+* a folder: searched recursively. Each folder holding DICOM files (``.dcm``, or no suffix and the
+  DICOM preamble) is one DICOM series (HU);
   NIfTI files are volumes; ``.png`` / ``.jpg`` / ``.jpeg`` / ``.bmp`` / ``.tif`` files are 8-bit
   display slices (already windowed; no HU). Other files (READMEs, licences) are ignored.
 
@@ -37,6 +38,19 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
+def _is_dicom(path: Path) -> bool:
+    """A ``.dcm`` file, or a file without a suffix (PACS exports) with the DICOM preamble mark."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    if path.suffix:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
 def expand_source(source: str | os.PathLike) -> list[tuple[str, Path]]:
     """The items of one source, as ``(kind, path)`` with kind ``manifest``, ``volume`` or ``image``,
     in sorted path order.
@@ -58,7 +72,7 @@ def expand_source(source: str | os.PathLike) -> list[tuple[str, Path]]:
     items: list[tuple[str, Path]] = []
     for folder, _, files in sorted(os.walk(path)):
         names = sorted(files)
-        if any(n.lower().endswith(".dcm") for n in names):
+        if any(_is_dicom(Path(folder) / n) for n in names):
             items.append(("volume", Path(folder)))
         for name in names:
             file = Path(folder) / name
@@ -123,7 +137,7 @@ def _items_slices(kind: str, path: Path, *, size: int, step_mm: float,
 
 def load_unlabeled_slices(sources: Sequence[str | os.PathLike], *, size: int, step_mm: float,
                           manifest_splits: Sequence[str] = ("train", "val"),
-                          max_slices_per_source: int | None = None) -> tuple[data.SliceSet, list[dict]]:
+                          max_slices_per_source: int | None = None) -> data.SliceSet:
     """Every slice of every source, for pre-training.
 
     Args:
@@ -135,16 +149,16 @@ def load_unlabeled_slices(sources: Sequence[str | os.PathLike], *, size: int, st
             so one large source cannot drown the others.
 
     Returns:
-        (slices, summary): ``slices.images`` float16 ``(N, size, size)`` in [0, 1]; ``case_ids`` the
-        item each slice came from, ``patient_ids`` the source index as text; labels are all 0 and
-        there are no masks. ``summary`` has one ``{"source", "items", "slices"}`` per source.
+        ``images`` float16 ``(N, size, size)`` in [0, 1]; ``case_ids`` the item each slice came from,
+        ``patient_ids`` the source's index as text (see :func:`source_summary`); labels are all 0
+        and there are no masks.
 
     Raises:
         DatasetError / StudyReadError: one line naming a missing or unreadable path.
     """
     if not sources:
         raise data.DatasetError("data.sources: no pre-training source given")
-    parts, summary = [], []
+    parts = []
     for number, source in enumerate(sources):
         pieces = []
         for kind, path in expand_source(source):
@@ -156,10 +170,21 @@ def load_unlabeled_slices(sources: Sequence[str | os.PathLike], *, size: int, st
                              np.zeros(len(images), np.uint8), names,
                              np.full(len(images), str(number)), np.full(len(images), -1))
         part = part.evenly_spaced(max_slices_per_source)
-        summary.append({"source": str(source), "items": len(pieces), "slices": len(part)})
-        log.info("pre-training source %s: %d item(s), %d slice(s)", source, len(pieces), len(part))
+        log.info("pre-training source %s: %d item(s) found, %d slice(s) kept", source, len(pieces),
+                 len(part))
         parts.append(part)
-    return data.SliceSet.concatenate(parts, size), summary
+    return data.SliceSet.concatenate(parts, size)
+
+
+def source_summary(slices: data.SliceSet, sources: Sequence[str | os.PathLike]) -> list[dict]:
+    """Per source of :func:`load_unlabeled_slices`: its path, how many items (volumes, images) gave
+    slices and how many slices it gave."""
+    out = []
+    for number, source in enumerate(sources):
+        mine = slices.patient_ids == str(number)
+        out.append({"source": str(source), "items": int(np.unique(slices.case_ids[mine]).size),
+                    "slices": int(mine.sum())})
+    return out
 
 
 def sources_fingerprint(sources: Sequence[str | os.PathLike]) -> str:

@@ -15,21 +15,27 @@ def test_a_folder_source_finds_dicom_series_nifti_and_images_and_ignores_the_res
     hu = np.full((3, 40, 40), -1000.0, np.float32)
     hu[:, 10:30, 10:30] = 0.0
     io.write_dicom_series(hu, (5.0, 0.8, 0.8), tmp_path / "ct" / "series1")
+    io.write_dicom_series(hu, (5.0, 0.8, 0.8), tmp_path / "ct" / "pacs", seed=1)
+    for file in (tmp_path / "ct" / "pacs").iterdir():  # a PACS export: no file suffix
+        file.rename(file.with_suffix(""))
     io.save_volume(io.study_from_array(hu, (5.0, 0.8, 0.8)), hu, tmp_path / "ct" / "vol.nii.gz")
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "ct" / "slice.png")
     (tmp_path / "ct" / "README.txt").write_text("not an image")
 
     kinds = sorted((kind, path.name) for kind, path in unlabeled.expand_source(tmp_path / "ct"))
-    assert kinds == [("image", "slice.png"), ("volume", "series1"), ("volume", "vol.nii.gz")]
-    slices, _ = unlabeled.load_unlabeled_slices([tmp_path / "ct"], size=32, step_mm=10.0)
+    assert kinds == [("image", "slice.png"), ("volume", "pacs"), ("volume", "series1"),
+                     ("volume", "vol.nii.gz")]
+    slices = unlabeled.load_unlabeled_slices([tmp_path / "ct"], size=32, step_mm=10.0)
     # 2 of 3 slices per volume (every 10 mm at 5 mm spacing), 1 image
-    assert slices.images.shape == (5, 32, 32) and slices.images.dtype == np.float16
+    assert slices.images.shape == (7, 32, 32) and slices.images.dtype == np.float16
     assert 0.0 <= float(slices.images.min()) and float(slices.images.max()) <= 1.0
     grey = slices.images[slices.case_ids == str(tmp_path / "ct" / "slice.png")]
     assert grey.shape == (1, 32, 32) and np.isclose(float(grey.mean()), 200 / 255, atol=0.01)
-    summary = unlabeled.load_unlabeled_slices([tmp_path / "ct"], size=32, step_mm=10.0,
-                                              max_slices_per_source=3)[1]
-    assert summary == [{"source": str(tmp_path / "ct"), "items": 3, "slices": 3}]
+    capped = unlabeled.load_unlabeled_slices([tmp_path / "ct"], size=32, step_mm=10.0,
+                                             max_slices_per_source=3)
+    # 3 slices spread over the 7 come from 3 of the 4 items
+    assert unlabeled.source_summary(capped, [tmp_path / "ct"]) == [
+        {"source": str(tmp_path / "ct"), "items": 3, "slices": 3}]
 
 
 def test_bad_sources_are_one_line_errors_naming_the_path(tmp_path):
@@ -46,8 +52,8 @@ def test_bad_sources_are_one_line_errors_naming_the_path(tmp_path):
 
 def test_a_manifest_source_leaves_its_test_split_out(tiny_dataset):
     every = unlabeled.load_unlabeled_slices([tiny_dataset], size=32, step_mm=0.0,
-                                            manifest_splits=())[0]
-    no_test = unlabeled.load_unlabeled_slices([tiny_dataset], size=32, step_mm=0.0)[0]
+                                            manifest_splits=())
+    no_test = unlabeled.load_unlabeled_slices([tiny_dataset], size=32, step_mm=0.0)
     manifest = data.read_manifest(tiny_dataset)
     test_images = set(manifest.loc[manifest["split"] == "test", "image"])
     assert test_images and not test_images & set(no_test.case_ids)
