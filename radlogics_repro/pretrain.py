@@ -15,6 +15,9 @@ The run folder holds, besides the usual ``config.yaml``, ``history.csv``, ``metr
   ``metrics.json`` and ``model.json``;
 * ``views.png``: a few pairs of augmented views, to check the augmentation is sensible.
 
+The exported weights are those of the last epoch: the pretext task has no held-out set to choose an
+epoch on, and SimCLR's loss keeps falling as long as the cosine schedule runs.
+
 Interrupted runs resume from the last finished epoch like the other training runs (``run_dir=...``).
 """
 
