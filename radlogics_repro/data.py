@@ -465,10 +465,14 @@ def cached_slices(cache_dir: str | os.PathLike | None, key: dict, build: Callabl
 
 
 def manifest_fingerprint(manifest_path: str | os.PathLike) -> dict:
-    """What a cache key needs to know about a manifest file: its path, size and mtime."""
+    """What a cache key needs to know about a manifest file: its path, byte size and mtime.
+
+    The keys are prefixed (``manifest_bytes``, not ``size``) so that merged into a cache key they
+    cannot overwrite a slice parameter such as the image ``size``.
+    """
     stat = Path(manifest_path).stat()
-    return {"manifest": str(Path(manifest_path).resolve()), "size": stat.st_size,
-            "mtime": stat.st_mtime_ns}
+    return {"manifest": str(Path(manifest_path).resolve()), "manifest_bytes": stat.st_size,
+            "manifest_mtime": stat.st_mtime_ns}
 
 
 # ---------------------------------------------------------------------------------------------

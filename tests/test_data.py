@@ -222,3 +222,18 @@ def test_evenly_spaced_subset():
     sub = slices.evenly_spaced(4)
     np.testing.assert_array_equal(sub.z, [0, 3, 6, 9])
     assert slices.evenly_spaced(None) is slices and slices.evenly_spaced(20) is slices
+
+
+def test_the_slice_cache_keeps_image_sizes_apart(manifest_path):
+    """Regression: the manifest's byte size once overwrote the image ``size`` in the cache key, so a
+    run at another ``data.input_size`` was handed the cached slices of the first."""
+    from radlogics_repro import train
+
+    settings = {"kind": "volumes", "manifest": str(manifest_path), "slice_step_mm": 0.0,
+                "input_mode": "lung_crop", "crop_margin_mm": 5.0, "min_lesion_area_mm2": 0.0,
+                "min_lung_area_mm2": 0.0}
+    shapes = [train.load_task_slices("classifier", {**settings, "input_size": size}, "train",
+                                     max_cases=None, cache=True).images.shape[1:]
+              for size in (32, 48, 32)]
+    assert shapes == [(32, 32), (48, 48), (32, 32)]
+    assert len(list((manifest_path.parent / ".cache").glob("slices-classifier-train-*.npz"))) == 2
