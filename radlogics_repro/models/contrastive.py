@@ -60,6 +60,8 @@ def build_contrastive_model(
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3 or shape[2] != 3 or min(shape[:2]) < 32:
         raise ValueError(f"input_shape must be (H, W, 3), H, W >= 32; got {shape}")
+    if len(projection_units) != 2:
+        raise ValueError(f"projection_units must be (hidden, output) widths, got {list(projection_units)}")
     hidden, out = (int(u) for u in projection_units)
     image = keras.Input(shape=shape, name="image")
     x = ImageNetCaffePreprocess(name="imagenet_preprocess")(image)
