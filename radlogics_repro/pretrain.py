@@ -121,11 +121,11 @@ def run_pretraining(*, run_dir: Path, resume: dict | None, config_yaml: str, pla
 
     trainer, data_cfg, model_cfg = plain["trainer"], plain["data"], plain["model"]
     backbone, size = model_cfg["backbone"], data_cfg["input_size"]
-    cache_dir = Path(plain["paths"]["cache_dir"]) / "pretrain-slices" if trainer["cache_slices"] else None
-    slices, sources = load_pretraining_slices(data_cfg, cache_dir=cache_dir)
     if len(model_cfg["projection_units"]) != 2:
         raise TrainingError(f"model.projection_units={model_cfg['projection_units']}: give two widths, "
                             "[hidden, output]")
+    cache_dir = Path(plain["paths"]["cache_dir"]) / "pretrain-slices" if trainer["cache_slices"] else None
+    slices, sources = load_pretraining_slices(data_cfg, cache_dir=cache_dir)
     if len(slices) < 2:
         raise TrainingError(f"data.sources: {len(slices)} slice(s); contrastive pre-training needs "
                             "at least 2")
