@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE  # noqa: E402
+from radlogics_repro.report.study_figures import save_figure_atomic  # noqa: E402
 
 
 def _pick(n_total: int, n: int) -> np.ndarray:
@@ -44,12 +45,7 @@ def training_figure(task: str, model, slices, path: str | os.PathLike, n: int = 
     legend = "green: reference, red: model" if task == "lung_unet" else "label 1 = abnormal slice"
     fig.suptitle(f"{task}: validation slices ({legend}). {RESEARCH_USE_NOTICE}", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path, dpi=110)
 
 
 def view_pairs_figure(views: np.ndarray, path: str | os.PathLike, title: str) -> Path:
@@ -69,9 +65,4 @@ def view_pairs_figure(views: np.ndarray, path: str | os.PathLike, title: str) ->
             ax.axis("off")
     fig.suptitle(f"{title}\n{RESEARCH_USE_NOTICE}", fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure_atomic(fig, path, dpi=100)
