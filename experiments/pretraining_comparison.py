@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from radlogics_repro import RESEARCH_USE_NOTICE, data, localize, models, preprocess, provenance  # noqa: E402
+from radlogics_repro import RESEARCH_USE_NOTICE, data, localize, models, provenance  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 from radlogics_repro.train import predict  # noqa: E402
@@ -85,14 +85,11 @@ def medseg_slices(folder: Path, size: int) -> tuple[np.ndarray, list[np.ndarray]
     base = folder / "TrainingSet" / "LungInfection-Train" / "Doctor-label"
     images, masks, names = [], [], []
     for image_file in sorted((base / "Imgs").glob("*.jpg")):
-        mask_file = base / "GT" / (image_file.stem + ".png")
-        with Image.open(image_file) as img:
-            grey = preprocess.gray_image_to_unit(np.asarray(img.convert("RGBA")))
-        with Image.open(mask_file) as img:
+        with Image.open(base / "GT" / (image_file.stem + ".png")) as img:
             masks.append(np.asarray(img.convert("L")) > 127)
-        images.append(preprocess.resize_images(grey[np.newaxis], size).numpy()[0])
+        images.append(data.read_display_image(image_file, size))
         names.append(image_file.name)
-    return np.clip(np.stack(images), 0, 1), masks, names
+    return np.stack(images), masks, names
 
 
 def medseg_localization(model_path: Path, images: np.ndarray, masks: list[np.ndarray],

@@ -383,8 +383,6 @@ def load_image_folder_slices(
     The source papers' figures carry no patient ID, so each image is its own "patient"; the
     official splits keep source papers apart.
     """
-    from PIL import Image
-
     split_csv = Path(split_csv)
     if not split_csv.is_file():
         raise DatasetError(f"{split_csv}: split CSV not found")
@@ -397,19 +395,30 @@ def load_image_folder_slices(
         raise DatasetError(f"{split_csv}: no rows for split '{split}'")
     images, labels = [], []
     for _, row in table.iterrows():
-        file = split_csv.parent / split / row["label"] / row["filename"]
-        try:
-            with Image.open(file) as img:
-                grey = preprocess.gray_image_to_unit(np.asarray(img.convert("RGBA")))
-        except (OSError, ValueError) as err:
-            raise DatasetError(f"{file}: cannot read image ({err})") from None
-        images.append(preprocess.resize_images(grey[np.newaxis], size).numpy()[0])
+        images.append(read_display_image(split_csv.parent / split / row["label"] / row["filename"], size))
         labels.append(int(row["label"] == positive_label))
     names = table["filename"].astype(str).to_numpy()
     return SliceSet(
-        np.clip(np.stack(images), 0, 1).astype(np.float16), np.zeros((len(names), 0, 0), np.uint8),
+        np.stack(images).astype(np.float16), np.zeros((len(names), 0, 0), np.uint8),
         np.asarray(labels, np.uint8), names, names, np.full(len(names), -1),
     )
+
+
+def read_display_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An 8-bit display image (any PIL mode) as one grey float32 ``(size, size)`` image in [0, 1],
+    resized whole (:func:`preprocess.gray_image_to_unit`, then :func:`preprocess.resize_images`).
+
+    Raises:
+        DatasetError: one line naming the file, when it cannot be read as an image.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            grey = preprocess.gray_image_to_unit(np.asarray(img.convert("RGBA")))
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"{path}: cannot read image ({err})") from None
+    return np.clip(preprocess.resize_images(grey[np.newaxis], size).numpy()[0], 0.0, 1.0)
 
 
 def split_rows(manifest: pd.DataFrame, split: str, max_cases: int | None = None) -> pd.DataFrame:

@@ -100,18 +100,6 @@ def volume_slices(hu: np.ndarray, spacing_z_mm: float, *, size: int, step_mm: fl
     return preprocess.resize_images(windowed, size).numpy().clip(0, 1).astype(np.float16)
 
 
-def image_slice(path: Path, *, size: int) -> np.ndarray:
-    """One 8-bit display image as float16 ``(1, size, size)`` in [0, 1] (grey, resized whole)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            grey = preprocess.gray_image_to_unit(np.asarray(img.convert("RGBA")))
-    except (OSError, ValueError) as err:
-        raise data.DatasetError(f"{path}: cannot read image ({err})") from None
-    return preprocess.resize_images(grey[np.newaxis], size).numpy().clip(0, 1).astype(np.float16)
-
-
 def _manifest_studies(manifest: Path, splits: Sequence[str]) -> list[str]:
     frame = data.read_manifest(manifest)
     if "split" in frame.columns and splits:
@@ -124,7 +112,7 @@ def _manifest_studies(manifest: Path, splits: Sequence[str]) -> list[str]:
 def _items_slices(kind: str, path: Path, *, size: int, step_mm: float,
                   manifest_splits: Sequence[str]) -> list[tuple[str, np.ndarray]]:
     if kind == "image":
-        return [(str(path), image_slice(path, size=size))]
+        return [(str(path), data.read_display_image(path, size)[np.newaxis].astype(np.float16))]
     if kind == "volume":
         study = io.load_study(path)
         return [(str(path), volume_slices(study.hu, study.spacing[0], size=size, step_mm=step_mm))]
