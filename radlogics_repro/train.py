@@ -549,7 +549,8 @@ def _train(cfg: DictConfig) -> dict:
     # ---- outputs ------------------------------------------------------------------------------
     card = model_card(task, data_cfg, init, threshold, plain, environment["commit"])
     card["case_threshold"] = case_threshold
-    card["pretraining"] = _pretraining_of(plain["model"])
+    pretraining = _pretraining_of(plain["model"])
+    card["pretraining"] = pretraining
     save_model_atomically(model, run_dir / "model.keras")
     atomic.write_text(run_dir / "model.json", json.dumps(card, indent=2))
     from radlogics_repro.report import training_figure
@@ -565,7 +566,6 @@ def _train(cfg: DictConfig) -> dict:
         "distribution": {"strategy": trainer["strategy"], "replicas": strategy.num_replicas_in_sync,
                          "global_batch_size": batch},
     }
-    pretraining = _pretraining_of(plain["model"])
     if pretraining is not None:
         metrics_doc["pretraining"] = pretraining
     log.info("done: %s", json.dumps(results, default=float))
