@@ -448,6 +448,30 @@ def test_refuses_to_overwrite_and_leaves_no_half_dataset(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+def test_site_scanner_fixes_kernel_and_noise_and_leaves_the_usual_draw_alone():
+    usual = generate_case(5, label=0, breath_phase="inhale", in_plane=48, n_slices=8)
+    site = {"kernel": "sharp", "noise_hu": (100.0, 110.0), "blur_mm": None}
+    at_site = generate_case(5, label=0, breath_phase="inhale", in_plane=48, n_slices=8, scanner=site)
+    profile = at_site.info["scanner"]
+    assert profile["kernel"] == "sharp" and 100.0 <= profile["noise_hu"] <= 110.0
+    assert 0.3 <= profile["blur_mm"] <= 0.45            # the sharp kernel's own blur range
+    assert np.array_equal(at_site.lung_mask, usual.lung_mask)   # same patient, same geometry
+    again = generate_case(5, label=0, breath_phase="inhale", in_plane=48, n_slices=8, scanner={})
+    assert again.info["scanner"] == usual.info["scanner"] and np.array_equal(again.hu, usual.hu)
+
+
+@pytest.mark.parametrize("site, message", [
+    ({"kernel": "blurry"}, "scanner.kernel"),
+    ({"noise_hu": (50.0, 20.0)}, "scanner.noise_hu"),
+    ({"noise_hu": "loud"}, "scanner.noise_hu"),
+    ({"dose": 1.0}, "unknown key"),
+])
+def test_bad_site_scanner_is_refused_before_writing(tmp_path, site, message):
+    with pytest.raises(SynthError, match=message):
+        generate_dataset(tmp_path / "ds", n_patients=1, scanner=site)
+    assert not (tmp_path / "ds").exists()
+
+
 def test_bad_dataset_arguments():
     with pytest.raises(SynthError, match="n_patients"):
         generate_dataset("/nonexistent/never", n_patients=0)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from radlogics_repro import RESEARCH_USE_NOTICE, __version__
 from radlogics_repro.synth.phantom import PhantomCase, SynthError, generate_case
+from radlogics_repro.synth.scanner import check_site
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def generate_dataset(
     formats: str | Sequence[str] = ("nifti",),
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
     min_lesion_area_mm2: float | None = None,
+    scanner: dict | None = None,
     overwrite: bool = False,
     threads: int = 2,
     progress: bool = True,
@@ -90,6 +92,9 @@ def generate_dataset(
         split_fractions: train/val/test shares of the patients, per label.
         min_lesion_area_mm2: slice "abnormal" threshold for slices.csv (default: the package's
             :data:`radlogics_repro.preprocess.DEFAULT_MIN_LESION_AREA_MM2`).
+        scanner: one site's scanner for every scan: ``kernel``, ``blur_mm`` and ``noise_hu``
+            ranges (see :func:`radlogics_repro.synth.scanner.sample_profile`; with ``slice_mm``
+            this makes a "local site" dataset). None: the usual mix of scanners.
         overwrite: replace an existing dataset in ``out_dir``.
         threads: rendering threads per case.
         progress: show a tqdm bar over cases.
@@ -106,7 +111,7 @@ def generate_dataset(
                            pixel_mm=pixel_mm, slice_mm=slice_mm, covid_fraction=covid_fraction,
                            longitudinal_fraction=longitudinal_fraction, timepoints=timepoints,
                            exhale_fraction=exhale_fraction, formats=formats,
-                           split_fractions=split_fractions)
+                           split_fractions=split_fractions, scanner=scanner)
     _refuse_existing(out_dir, overwrite)
     from radlogics_repro import io, preprocess  # heavy imports (TensorFlow) only when writing
 
@@ -144,7 +149,8 @@ def generate_dataset(
                         slices=params["slices"] if isinstance(params["slices"], tuple)
                         else (2, 10000),
                         pixel_mm=params["pixel_mm"], slice_mm=params["slice_mm"],
-                        longitudinal=patient["longitudinal"], threads=threads)
+                        longitudinal=patient["longitudinal"], scanner=params["scanner"] or None,
+                        threads=threads)
                     if pending is not None:
                         pending.result()  # propagate write errors, bound memory
                     pending = writer.submit(_write_case, case, tmp, formats, io, patient, scan)
@@ -423,6 +429,10 @@ def _check_params(**p) -> dict:
         raise SynthError(f"split_fractions must be three shares >= 0 (train, val, test), "
                          f"got {p['split_fractions']}")
     p["split_fractions"] = fr
+    try:
+        p["scanner"] = check_site(p["scanner"])
+    except ValueError as err:
+        raise SynthError(str(err)) from None
     return p
 
 

@@ -213,6 +213,7 @@ def generate_case(
     covid_probability: float = 0.5,
     exhale_probability: float = 0.15,
     longitudinal: bool = False,
+    scanner: dict | None = None,
     noise: bool = True,
     tissue: bool = False,
     threads: int = 2,
@@ -234,6 +235,8 @@ def generate_case(
             (512 x pixel) is kept for other matrix sizes, whose pixels scale accordingly.
         slice_mm: slice spacing, mm, fixed or (low, high).
         longitudinal: the patient is followed over time (first scan early in the course).
+        scanner: a site's scanner (kernel, blur and noise ranges) for every scan, see
+            :func:`radlogics_repro.synth.scanner.sample_profile`; None: the usual mix.
         noise: False skips noise and blur (clean HU, for tests and figures).
         tissue: also return the tissue map (``PhantomCase.tissue``, codes in
             :data:`radlogics_repro.synth.anatomy.TISSUE`).
@@ -262,7 +265,7 @@ def generate_case(
     # geometry
     grid, origin_lps = _scan_grid(an, pat, breath, rng, in_plane=in_plane, n_slices=n_slices,
                                   slices=slices, slice_mm=slice_mm)
-    profile = scn.sample_profile(rng, streaks=pat.confounders.streaks)
+    profile = scn.sample_profile(rng, streaks=pat.confounders.streaks, site=scanner)
     sc_arrays = scn.prepare_scanner(profile, an, grid, an.body_post * breath.sxy,
                                     _rng(seed, 102, day, scan_index))
 

@@ -11,7 +11,7 @@ deviation after the blur equals the profile's level: real CT noise is correlated
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -56,15 +56,59 @@ class ScannerProfile:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def sample_profile(rng: np.random.Generator, *, streaks: bool) -> ScannerProfile:
-    """Draw a scanner profile."""
+SITE_KEYS = ("kernel", "blur_mm", "noise_hu")
+"""What a site profile may fix (see :func:`sample_profile`)."""
+
+
+def sample_profile(rng: np.random.Generator, *, streaks: bool, site: dict | None = None) -> ScannerProfile:
+    """Draw a scanner profile.
+
+    Args:
+        rng: the scan's generator.
+        streaks: whether the scan has streak artefacts.
+        site: a site's scanner, every scan alike: ``kernel`` ('soft' / 'standard' / 'sharp'),
+            ``blur_mm`` and ``noise_hu`` as (low, high) ranges (mm, HU) to draw from; a missing or
+            None entry keeps the usual draw (the blur and noise ranges then follow the site's
+            kernel). None or empty: the usual mix of scanners. The draws without a site are the
+            same as before sites existed, so existing datasets do not change.
+    """
     names = list(_KERNELS)
     kernel = str(rng.choice(names, p=[_KERNELS[n][2] for n in names]))
     blur, noise, _ = _KERNELS[kernel]
     pad = rng.choice([None, -1024.0, -2048.0, -3024.0], p=[0.4, 0.15, 0.3, 0.15])
-    return ScannerProfile(kernel, float(rng.uniform(*blur)), float(rng.uniform(*noise)),
-                          float(rng.uniform(0.2, 0.6)), None if pad is None else float(pad),
-                          bool(rng.random() < 0.85), bool(streaks))
+    profile = ScannerProfile(kernel, float(rng.uniform(*blur)), float(rng.uniform(*noise)),
+                             float(rng.uniform(0.2, 0.6)), None if pad is None else float(pad),
+                             bool(rng.random() < 0.85), bool(streaks))
+    site = {k: v for k, v in (site or {}).items() if v is not None}
+    if not site:
+        return profile
+    kernel = str(site.get("kernel", kernel))
+    blur_range = tuple(site.get("blur_mm", _KERNELS[kernel][0]))
+    noise_range = tuple(site.get("noise_hu", _KERNELS[kernel][1]))
+    return replace(profile, kernel=kernel, blur_mm=float(rng.uniform(*blur_range)),
+                   noise_hu=float(rng.uniform(*noise_range)))
+
+
+def check_site(site: dict | None) -> dict:
+    """A site profile (see :func:`sample_profile`) with None entries dropped; ValueError names the
+    bad entry."""
+    site = {k: v for k, v in (site or {}).items() if v is not None}
+    unknown = sorted(set(site) - set(SITE_KEYS))
+    if unknown:
+        raise ValueError(f"scanner: unknown key(s) {unknown}; expected {list(SITE_KEYS)}")
+    if "kernel" in site and site["kernel"] not in _KERNELS:
+        raise ValueError(f"scanner.kernel must be one of {list(_KERNELS)}, got {site['kernel']!r}")
+    for key in ("blur_mm", "noise_hu"):
+        if key not in site:
+            continue
+        try:
+            low, high = (float(v) for v in site[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"scanner.{key} must be [low, high], got {site[key]!r}") from None
+        if not 0.0 <= low <= high:
+            raise ValueError(f"scanner.{key} must satisfy 0 <= low <= high, got {site[key]!r}")
+        site[key] = (low, high)
+    return site
 
 
 @dataclass
