@@ -52,8 +52,8 @@ def settings_from_config(cfg: DictConfig) -> suite.BenchSettings:
               "lung_model": cfg.lung_model, "classifier_model": cfg.classifier_model}
     if cfg.repeats is not None:
         values["repeats"] = int(cfg.repeats)
-    if cfg.peer_slices is not None:
-        values["peer_slices"] = int(cfg.peer_slices)
+    if cfg.peer_slices is not None or not cfg.quick:   # null: every slice (quick keeps its 2)
+        values["peer_slices"] = None if cfg.peer_slices is None else int(cfg.peer_slices)
     presets = training_presets()
     if cfg.quick:
         return suite.quick_settings(presets, **values)
