@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from radlogics_repro import atomic
-from radlogics_repro.bench import suite
+from radlogics_repro.bench import compute, suite
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ def settings_from_config(cfg: DictConfig) -> suite.BenchSettings:
     presets = training_presets()
     if cfg.quick:
         return suite.quick_settings(presets, **values)
-    return suite.BenchSettings(presets=presets, **values)
+    network = compute.NetworkSettings(unet_decoder=presets["lung_unet"].decoder_filters,
+                                      classifier_dense=presets["classifier"].dense_units)
+    return suite.BenchSettings(presets=presets, network=network, **values)
 
 
 def output_path(cfg: DictConfig) -> Path:
