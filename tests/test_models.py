@@ -26,7 +26,6 @@ from radlogics_repro.models import (
     init_record,
     load_model,
 )
-from radlogics_repro.models.unet import LUNG_PRIOR
 from radlogics_repro.models.weights import FALLBACK_RECORD, resolve_backbone
 
 VGG_ENCODER_LAYERS = (
@@ -105,12 +104,6 @@ def test_unet_output_shape_dtype_and_range(unet224, images224):
     assert out.dtype == np.float32
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert unet224.get_layer("lung_mask").dtype_policy.compute_dtype == "float32"
-
-
-def test_unet_head_starts_at_the_lung_prior(unet224):
-    """Prior-probability init: sigmoid(head bias) == LUNG_PRIOR before training."""
-    bias = float(keras.ops.convert_to_numpy(unet224.get_layer("lung_mask").bias)[0])
-    assert 1.0 / (1.0 + np.exp(-bias)) == pytest.approx(LUNG_PRIOR, abs=1e-6)
 
 
 def test_unet_vgg_layers_are_direct_layers(unet224):
