@@ -743,4 +743,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from radlogics_repro.cli import check_overrides
+
+    check_overrides("analyze")
     main()

@@ -16,7 +16,8 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,33 @@ def exit_on_user_error():
         message = " ".join(str(err).split())
         log.debug("user error: %s", message)
         print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+"""The Hydra config folder every entry point reads (``config_path`` of their ``hydra.main``)."""
+
+
+def check_overrides(config_name: str, argv: Sequence[str] | None = None) -> None:
+    """Compose ``config_name`` once with the command-line overrides, before Hydra runs, so that an
+    override Hydra cannot parse or apply (``note=a (b)``, ``+experiment=nope``, ``trainer.epochs``
+    without ``=``) stops with ``error: bad configuration: <Hydra's first line>`` and exit code 2
+    instead of Hydra's multi-line report and exit code 1. Flags (``--help``, ``-m``, ...) are left
+    to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=argv, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        text = str(err).strip()
+        first = text.splitlines()[0] if text else type(err).__name__
+        print(f"error: bad configuration: {first}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -201,6 +229,7 @@ TRAIN_CONFIG_RULES: dict[str, Check] = {
     "trainer.lr_schedule": one_of("constant", "cosine"),
     "trainer.warmup_epochs": integer(0),
     "trainer.batchnorm_momentum": number(0, 1, optional=True),
+    "trainer.freeze_batchnorm": boolean(),
     "trainer.weight_decay": number(0),
     "trainer.early_stopping_patience": integer(0),
     "trainer.precision": one_of("float32", "mixed_bfloat16", "mixed_float16"),

@@ -248,6 +248,26 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, sch
         warmup_target=peak if warmup_steps else None, warmup_steps=warmup_steps)
 
 
+def freeze_batchnorm(model: keras.Model) -> int:
+    """Keep every BatchNormalization layer in inference mode while training (``trainable = False``:
+    Keras then normalises with the stored moving statistics, neither updates them nor trains gamma
+    and beta); returns how many layers were frozen.
+
+    For fine-tuning (Keras' transfer-learning guide recommends it): the stored statistics describe
+    the data the model learnt from. Updating them on a small local set with another scanner
+    replaces them within a few dozen steps (at momentum 0.9), and the rest of the network then sees
+    features scaled for that set only.
+    """
+    frozen = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
+            frozen += 1
+        elif isinstance(layer, keras.Model):
+            frozen += freeze_batchnorm(layer)
+    return frozen
+
+
 def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> None:
     """Set every BatchNormalization layer's moving-average momentum (None: keep Keras' 0.99).
 
@@ -489,6 +509,8 @@ def _train(cfg: DictConfig) -> dict:
         else:
             model, init = build_model(task, plain["model"], data_cfg["input_size"])
             set_batchnorm_momentum(model, trainer["batchnorm_momentum"])
+            if trainer.get("freeze_batchnorm"):
+                log.info("BatchNorm frozen (inference mode) in %d layers", freeze_batchnorm(model))
             steps = data.steps_per_epoch(len(train_slices), batch)
             schedule = learning_rate_schedule(trainer["learning_rate"], epochs * steps,
                                               trainer["warmup_epochs"] * steps, trainer["lr_schedule"])
@@ -665,4 +687,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from radlogics_repro.cli import check_overrides
+
+    check_overrides("train")
     main()

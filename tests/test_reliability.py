@@ -352,6 +352,18 @@ def test_train_cli_wrong_types_exit_2_before_any_output(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("module, override, phrase", [
+    ("radlogics_repro.train", "+experiment=no_such_experiment", "no_such_experiment"),
+    ("radlogics_repro.analyze", "note=a (b)", "Error parsing override 'note=a (b)'"),
+    ("radlogics_repro.evaluate", "trainer", "Error parsing override 'trainer'"),
+    ("radlogics_repro.bench", "note=a (b)", "Error parsing override 'note=a (b)'"),
+])
+def test_cli_override_hydra_cannot_parse_exits_2_with_one_line(tmp_path, module, override, phrase):
+    result = _run_module(module, [override], cwd=tmp_path)
+    _assert_one_line_exit_2(result, "bad configuration", phrase)
+    assert not (tmp_path / "outputs").exists() and not (tmp_path / "runs").exists()
+
+
 def test_analyze_cli_without_input_exits_2(tmp_path):
     result = _run_module("radlogics_repro.analyze", ["input=", f"output_dir={tmp_path / 'out'}"],
                          cwd=tmp_path)

@@ -114,6 +114,27 @@ def test_batchnorm_momentum_reaches_every_batchnorm_layer():
     assert momenta == {0.9}
 
 
+def test_frozen_batchnorm_keeps_its_statistics_and_scales_while_the_rest_trains():
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(x)))
+    assert train.freeze_batchnorm(model) == 1
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    bn, conv = model.get_layer("bn"), model.get_layer("conv")
+    before = {name: keras.ops.convert_to_numpy(getattr(bn, name)).copy()
+              for name in ("moving_mean", "moving_variance", "gamma", "beta")}
+    kernel = keras.ops.convert_to_numpy(conv.kernel).copy()
+    x_train = np.random.default_rng(0).normal(5.0, 3.0, (16, 8, 8, 1)).astype("float32")
+    model.fit(x_train, np.ones((16, 1), "float32"), epochs=1, batch_size=8, verbose=0)
+    for name, value in before.items():
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(getattr(bn, name)), value, err_msg=name)
+    assert not np.array_equal(keras.ops.convert_to_numpy(conv.kernel), kernel)
+
+
 def test_finetune_local_starts_from_a_saved_model(tiny_dataset, tiny_models, tmp_path):
     base_model = tiny_models["lung"].resolve()  # a saved 32-pixel U-Net with its model.json
     tuned_dir = tmp_path / "tuned"

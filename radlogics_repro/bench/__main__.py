@@ -83,7 +83,9 @@ def run(cfg: DictConfig, command: str) -> suite.BenchRun:
 def main() -> None:
     import hydra
 
-    from radlogics_repro.cli import exit_on_user_error
+    from radlogics_repro.cli import check_overrides, exit_on_user_error
+
+    check_overrides("bench")
 
     @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
     def _main(cfg: DictConfig) -> None:

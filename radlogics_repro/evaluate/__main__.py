@@ -73,4 +73,7 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    from radlogics_repro.cli import check_overrides
+
+    check_overrides("evaluate")
     main()
