@@ -254,9 +254,9 @@ def freeze_batchnorm(model: keras.Model) -> int:
     and beta); returns how many layers were frozen.
 
     For fine-tuning (Keras' transfer-learning guide recommends it): the stored statistics describe
-    the data the model learnt from. Updating them on a small local set with another scanner
-    replaces them within a few dozen steps (at momentum 0.9), and the rest of the network then sees
-    features scaled for that set only.
+    the data the model learnt from, and a small local set with another scanner would replace them
+    within a few dozen steps (at momentum 0.9). On the synthetic site it did not prevent the loss of
+    whole-scan Dice that fine-tuning caused (results/local_site_frozen_bn.md).
     """
     frozen = 0
     for layer in model.layers:
