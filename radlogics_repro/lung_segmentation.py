@@ -91,7 +91,7 @@ def predict_lung_mask(hu: np.ndarray, model, *, batch_size: int = 8,
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         batch = preprocess.hu_slices_to_model_input(hu[chunk], input_size)
-        probs = model.predict_on_batch(batch)  # compiled graph: ~10% faster than an eager call here
+        probs = model.predict_on_batch(batch)  # compiled graph: 3-14 % faster than eager, 2 runs here
         resized = tf.image.resize(tf.cast(probs, tf.float32), (height, width), method="bilinear")
         mask[chunk] = resized[..., 0].numpy() >= 0.5
     return mask
