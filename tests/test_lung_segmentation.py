@@ -73,7 +73,7 @@ def test_lung_volumes_hand_computed():
                        "left": pytest.approx(0.01)}
 
 
-class _ThresholdModel(keras.Model):
+class ThresholdStandIn(keras.Model):
     """A stand-in U-Net: "lung" where the [0, 1] input is below 0.55 (HU < -450, half-way between
     the test's lung and tissue values, so edges neither grow nor shrink)."""
 
@@ -85,7 +85,7 @@ def test_segment_lungs_returns_the_study_grid():
     hu = np.full((6, 40, 40), 40.0, np.float32)
     hu[_two_lungs()] = -850.0
     study = io.study_from_array(hu, (2.0, 0.8, 0.8))
-    model = _ThresholdModel()
+    model = ThresholdStandIn()
     model.build((None, 32, 32, 3))
     mask = ls.segment_lungs(study, model, batch_size=4, label_sides=True, input_size=32)
     assert mask.shape == hu.shape and mask.dtype == np.uint8
@@ -121,9 +121,14 @@ def test_prefilter_on_hand_made_slices():
 def test_skipped_slices_get_no_lung_and_cost_no_forward_pass():
     calls = []
 
-    def model(batch, training=False):
-        calls.append(int(batch.shape[0]))
-        return np.ones((batch.shape[0], 32, 32, 1), np.float32)
+    class CountingModel:
+        """Answers "all lung" and counts the slices it is given (the U-Net's predict_on_batch)."""
+
+        def predict_on_batch(self, batch):
+            calls.append(int(batch.shape[0]))
+            return np.ones((batch.shape[0], 32, 32, 1), np.float32)
+
+    model = CountingModel()
 
     hu = np.full((10, 32, 32), 40.0, np.float32)
     run = np.zeros(10, bool)
