@@ -354,14 +354,28 @@ def test_train_cli_wrong_types_exit_2_before_any_output(tmp_path):
 
 @pytest.mark.parametrize("module, override, phrase", [
     ("radlogics_repro.train", "+experiment=no_such_experiment", "no_such_experiment"),
-    ("radlogics_repro.analyze", "note=a (b)", "Error parsing override 'note=a (b)'"),
-    ("radlogics_repro.evaluate", "trainer", "Error parsing override 'trainer'"),
     ("radlogics_repro.bench", "note=a (b)", "Error parsing override 'note=a (b)'"),
 ])
 def test_cli_override_hydra_cannot_parse_exits_2_with_one_line(tmp_path, module, override, phrase):
     result = _run_module(module, [override], cwd=tmp_path)
     _assert_one_line_exit_2(result, "bad configuration", phrase)
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("config, override, phrase", [
+    ("analyze", "note=a (b)", "Error parsing override 'note=a (b)'"),
+    ("evaluate", "trainer", "Error parsing override 'trainer'"),
+    ("synth", "no_such_key=1", "no_such_key"),
+])
+def test_check_overrides_is_one_line_and_exit_2_for_every_config(capsys, config, override, phrase):
+    """The same check as above, in-process, for the other entry points' configs (each of their
+    ``__main__`` blocks calls ``cli.check_overrides`` with its config name)."""
+    cli.check_overrides(config, [])  # the shipped config composes
+    with pytest.raises(SystemExit) as exit_info:
+        cli.check_overrides(config, [override])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: bad configuration") and phrase in errors[0]
 
 
 def test_analyze_cli_without_input_exits_2(tmp_path):
