@@ -43,6 +43,7 @@ from radlogics_repro import (  # noqa: E402
 )
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
+from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
 from radlogics_repro.evaluate.runner import SEVERE_INVOLVEMENT  # noqa: E402
 
 
@@ -92,12 +93,6 @@ def summary_row(dataset: str, model_name: str, scans: pd.DataFrame) -> dict:
             "s/slice": f"{scans['seconds'].sum() / scans['slices'].sum():.3f}"}
 
 
-def markdown_table(frame: pd.DataFrame) -> list[str]:
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True, type=lambda t: named_path(t, "--model"),
@@ -142,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         f"holes filled) against the reference; severe: reference lesions >= {SEVERE_INVOLVEMENT:.0%} of "
         "the lung volume. s/slice: segmentation seconds per slice of the scan (slices with no lung are "
         "skipped before the network).", "",
-        *markdown_table(pd.DataFrame(summary)), "",
+        frame_markdown(pd.DataFrame(summary)), "",
         f"Per scan: `{out.with_suffix('.csv').name}`.", ""]
     atomic.write_text(out.with_suffix(".csv"), per_scan.to_csv(index=False, float_format="%.4f"))
     atomic.write_text(out, "\n".join(lines))
