@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -258,14 +259,10 @@ def freeze_batchnorm(model: keras.Model) -> int:
     within a few dozen steps (at momentum 0.9). On the synthetic site it did not prevent the loss of
     whole-scan Dice that fine-tuning caused (results/local_site_frozen_bn.md).
     """
-    frozen = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-            frozen += 1
-        elif isinstance(layer, keras.Model):
-            frozen += freeze_batchnorm(layer)
-    return frozen
+    layers = list(_batchnorm_layers(model))
+    for layer in layers:
+        layer.trainable = False
+    return len(layers)
 
 
 def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> None:
@@ -277,11 +274,17 @@ def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> None:
     """
     if momentum is None:
         return
+    for layer in _batchnorm_layers(model):
+        layer.momentum = float(momentum)
+
+
+def _batchnorm_layers(model: keras.Model) -> Iterator[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer of ``model``, nested models included."""
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = float(momentum)
+            yield layer
         elif isinstance(layer, keras.Model):
-            set_batchnorm_momentum(layer, momentum)
+            yield from _batchnorm_layers(layer)
 
 
 def compile_model(model: keras.Model, task: str, learning_rate, weight_decay: float) -> None:
