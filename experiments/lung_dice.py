@@ -44,7 +44,7 @@ from radlogics_repro import (  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
-from radlogics_repro.evaluate.runner import SEVERE_INVOLVEMENT  # noqa: E402
+from radlogics_repro.evaluate.runner import SEVERE_INVOLVEMENT, is_severe  # noqa: E402
 
 
 def named_path(text: str, what: str) -> tuple[str, str]:
@@ -81,7 +81,7 @@ def scan_dice(row: pd.Series, model) -> dict:
     lung_voxels = int(reference.sum())
     return {"case_id": row["case_id"], "patient_id": row["patient_id"], "slices": study.hu.shape[0],
             "slice_mm": round(float(study.spacing[0]), 2), "lung_dice": M.dice(predicted, reference),
-            "severe": bool(lung_voxels and lesion.sum() / lung_voxels >= SEVERE_INVOLVEMENT),
+            "severe": is_severe(int(lesion.sum()), lung_voxels),
             "seconds": seconds}
 
 

@@ -33,6 +33,12 @@ log = logging.getLogger(__name__)
 SEVERE_INVOLVEMENT = 0.05
 """A case is *severe* when its reference lesion volume is at least 5 % of its lung volume."""
 
+
+def is_severe(lesion_volume: float, lung_volume: float) -> bool:
+    """Whether lesions fill at least :data:`SEVERE_INVOLVEMENT` of the lung (same units, e.g. mL and
+    cm^3, or voxel counts); False for an empty lung."""
+    return bool(lung_volume and lesion_volume / lung_volume >= SEVERE_INVOLVEMENT)
+
 PAPER_SENSITIVITY = 0.982
 
 
@@ -65,7 +71,7 @@ def evaluate_case(row: pd.Series, models: analyze.AnalysisModels,
         "case_id": row["case_id"], "patient_id": row["patient_id"], "day": row.get("day", 0),
         "label": int(abnormal.any()), "reference_lesion_cm3": lesion_cm3,
         "reference_lung_ml": lung_ml,
-        "severe": bool(lung_ml and lesion_cm3 / lung_ml >= SEVERE_INVOLVEMENT),
+        "severe": is_severe(lesion_cm3, lung_ml),
         "positive_slice_ratio": report.summary["decision"]["positive_slice_ratio"],
         "slice_threshold": report.summary["decision"]["slice_threshold"],
         "case_threshold": report.summary["decision"]["threshold"],

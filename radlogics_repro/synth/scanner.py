@@ -79,7 +79,7 @@ def sample_profile(rng: np.random.Generator, *, streaks: bool, site: dict | None
     profile = ScannerProfile(kernel, float(rng.uniform(*blur)), float(rng.uniform(*noise)),
                              float(rng.uniform(0.2, 0.6)), None if pad is None else float(pad),
                              bool(rng.random() < 0.85), bool(streaks))
-    site = {k: v for k, v in (site or {}).items() if v is not None}
+    site = check_site(site)
     if not site:
         return profile
     kernel = str(site.get("kernel", kernel))
