@@ -255,6 +255,7 @@ TRAIN_CONFIG_RULES: dict[str, Check] = {
     "model.temperature": number(0, above_minimum=True),
     "model.projection_units": integers(1),
     "data.max_slices_per_source": integer(1, optional=True),
+    "augment.noise_probability": number(0, 1),
 }
 """Settings of ``python -m radlogics_repro.train`` checked before a run folder is touched."""
 

@@ -183,7 +183,8 @@ def make_augmenter(task: str, aug: dict):
         return augment.segmentation_augmenter(
             crop=aug["crop"], flip=aug["flip"], noise=aug["lung_noise"],
             crop_min_scale=aug["crop_min_scale"], noise_scale=aug["noise_scale"],
-            noise_mean=aug["noise_mean"], noise_std=aug["noise_std"])
+            noise_mean=aug["noise_mean"], noise_std=aug["noise_std"],
+            noise_probability=aug.get("noise_probability", 1.0))
     return augment.classification_augmenter(
         rotate=aug["rotate"], flip=aug["flip"], crop=aug["crop"], max_degrees=aug["max_degrees"],
         crop_min_scale=aug["crop_min_scale"])

@@ -161,6 +161,24 @@ def test_lung_noise_only_inside_lung_and_repeatable():
     np.testing.assert_array_equal(noisy, again)
 
 
+def test_lung_noise_probability_leaves_a_share_of_images_clean():
+    """Noise on every image gives the mask away; with probability p about p of the images get it."""
+    image, mask = _image_and_mask()
+    image_t, mask_t = tf.constant(image), tf.constant(mask)
+
+    def noisy(seed, probability):
+        out = augment.lung_noise(image_t, mask_t, seed=tf.constant([seed, 9]), probability=probability)
+        return not np.array_equal(out.numpy(), image)
+
+    assert not any(noisy(s, 0.0) for s in range(20))
+    assert all(noisy(s, 1.0) for s in range(20))
+    share = np.mean([noisy(s, 0.5) for s in range(300)])
+    assert 0.4 < share < 0.6   # binomial(300, 0.5): std 0.029
+    aug = augment.segmentation_augmenter(crop=False, flip=False, noise=True, noise_probability=0.0)
+    out_image, _ = aug(image_t, mask_t, tf.constant([1, 2]))
+    np.testing.assert_array_equal(out_image.numpy(), image)
+
+
 def test_segmentation_augmenter_noise_lands_inside_the_returned_mask():
     image, mask = _image_and_mask()
     aug = augment.segmentation_augmenter(crop=True, flip=True, noise=True)

@@ -297,6 +297,12 @@ def test_wrong_train_settings_are_one_line_config_errors(override, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_lung_noise_probability_outside_0_1_is_a_config_error():
+    cfg = _compose("train", ["+experiment=lung_unet", "augment.noise_probability=2"])
+    with pytest.raises(cli.ConfigError, match="augment.noise_probability=2: expected a number >= 0 and <= 1"):
+        cli.check_config(cfg, cli.TRAIN_CONFIG_RULES)
+
+
 def test_every_wrong_setting_is_listed_and_missing_values_are_named():
     from omegaconf import OmegaConf
 
