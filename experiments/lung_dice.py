@@ -55,6 +55,20 @@ def named_path(text: str, what: str) -> tuple[str, str]:
     return name, value
 
 
+def refuse_existing(out: Path) -> bool:
+    """True (after a one-line error) when ``out`` exists: results are never overwritten."""
+    if out.exists():
+        print(f"error: {out} exists; choose another --out or remove it", file=sys.stderr)
+        return True
+    return False
+
+
+def load_at_precision(path: str, policy: str):
+    """A saved model, rebuilt at the Keras dtype ``policy`` unless that is ``model``."""
+    model = models.load_model(path)
+    return model if policy == "model" else models.with_compute_precision(model, policy)
+
+
 def dataset_rows(spec: str, max_scans: int | None) -> tuple[pd.DataFrame, str, str]:
     """``MANIFEST[:SPLIT]`` -> (the split's rows, capped; manifest path; split)."""
     path, split = spec, "test"
@@ -105,17 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/lung_dice.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.exists():
-        print(f"error: {out} exists; choose another --out or remove it", file=sys.stderr)
+    if refuse_existing(out):
         return 2
     started = time.time()
     datasets = [(name, *dataset_rows(spec, args.max_scans)) for name, spec in args.data]
     policy = models.resolve_precision(args.precision)
     per_scan, summary = [], []
     for model_name, path in args.model:
-        model = models.load_model(path)
-        if policy != "model":
-            model = models.with_compute_precision(model, policy)
+        model = load_at_precision(path, policy)
         for dataset, rows, _, _ in datasets:
             scans = pd.DataFrame([scan_dice(row, model) for _, row in rows.iterrows()])
             scans.insert(0, "model", model_name)

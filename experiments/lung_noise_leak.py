@@ -29,7 +29,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf  # noqa: E402
-from lung_dice import named_path  # noqa: E402
+from lung_dice import load_at_precision, named_path, refuse_existing  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, models, provenance  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
@@ -77,17 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/lung_noise_leak.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if out.exists():
-        print(f"error: {out} exists; choose another --out or remove it", file=sys.stderr)
+    if refuse_existing(out):
         return 2
     started = time.time()
     manifest = str(Path(args.manifest).expanduser())
     policy = models.resolve_precision(args.precision)
     rows = []
     for name, path in args.model:
-        model = models.load_model(path)
-        if policy != "model":
-            model = models.with_compute_precision(model, policy)
+        model = load_at_precision(path, policy)
         settings = {"kind": "volumes", "manifest": manifest, "input_size": int(model.input_shape[1]),
                     "slice_step_mm": args.slice_step_mm, "empty_fraction": args.empty_fraction}
         slices = load_task_slices("lung_unet", settings, args.split, max_cases=None, cache=True)
