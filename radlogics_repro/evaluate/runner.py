@@ -39,6 +39,7 @@ def is_severe(lesion_volume: float, lung_volume: float) -> bool:
     cm^3, or voxel counts); False for an empty lung."""
     return bool(lung_volume and lesion_volume / lung_volume >= SEVERE_INVOLVEMENT)
 
+
 PAPER_SENSITIVITY = 0.982
 
 
