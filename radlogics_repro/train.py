@@ -257,8 +257,9 @@ def freeze_batchnorm(model: keras.Model) -> int:
 
     For fine-tuning (Keras' transfer-learning guide recommends it): the stored statistics describe
     the data the model learnt from, and a small local set with another scanner would replace them
-    within a few dozen steps (at momentum 0.9). On the synthetic site it did not prevent the loss of
-    whole-scan Dice that fine-tuning caused (results/local_site_frozen_bn.md).
+    within a few dozen steps (at momentum 0.9). On the synthetic site, fine-tuning with it neither
+    helped nor harmed the preset's model (results/local_site_noise_half.md); the earlier losses came
+    from models trained with the lung noise on every image (results/train_lung_unet.md).
     """
     layers = list(_batchnorm_layers(model))
     for layer in layers:
