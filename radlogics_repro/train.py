@@ -215,9 +215,14 @@ def build_model(task: str, model_cfg: dict, input_size: int) -> tuple[keras.Mode
 
 
 def load_init_model(path: str | os.PathLike, task: str, input_size: int) -> tuple[keras.Model, str]:
-    """A trained ``.keras`` model to fine-tune (Keras safe mode), checked against ``task`` and
-    ``input_size``; the init record is ``finetuned from <path> (<its own init>)``, its own init read
-    from the ``model.json`` beside it."""
+    """A trained ``.keras`` model to fine-tune (Keras safe mode), checked against ``task``; the init
+    record is ``finetuned from <path> (<its own init>)``, its own init read from the ``model.json``
+    beside it.
+
+    A model trained at another input size is rebuilt for ``input_size`` with the same weights
+    (both networks are fully convolutional): e.g. a classifier trained at 112 px goes on at 224 px
+    (progressive resizing; the record then adds ``, resized from 112 px``).
+    """
     if str(path) == "???":
         raise TrainingError("model.init_from: missing; give the .keras model to fine-tune from")
     path = Path(path).expanduser().resolve()
@@ -225,12 +230,20 @@ def load_init_model(path: str | os.PathLike, task: str, input_size: int) -> tupl
     model_task = "lung_unet" if len(model.output_shape) == 4 else "classifier"
     if model_task != task:
         raise TrainingError(f"model.init_from={path}: a {model_task} model, but task={task}")
+    resized = ""
     if tuple(model.input_shape[1:3]) != (input_size, input_size):
-        raise TrainingError(f"model.init_from={path}: input {model.input_shape[1]}x{model.input_shape[2]} "
-                            f"pixels, but data.input_size={input_size}")
+        trained_at = f"{model.input_shape[1]}x{model.input_shape[2]}"
+        try:
+            model = models.with_input_size(model, input_size)
+        except ValueError as error:
+            raise TrainingError(f"model.init_from={path}: trained at {trained_at} pixels, cannot run at "
+                                f"data.input_size={input_size} ({error})") from None
+        log.info("model.init_from: trained at %s pixels, rebuilt for %d with the same weights",
+                 trained_at, input_size)
+        resized = f", resized from {trained_at} px"
     card = path.parent / "model.json"
     its_init = json.loads(card.read_text()).get("init") if card.is_file() else None
-    return model, f"finetuned from {path} ({its_init or 'init unknown'})"
+    return model, f"finetuned from {path} ({its_init or 'init unknown'}){resized}"
 
 
 def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int, schedule: str):

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
@@ -156,7 +157,15 @@ def test_finetune_local_starts_from_a_saved_model(tiny_dataset, tiny_models, tmp
 
     with pytest.raises(train.TrainingError, match="a lung_unet model, but task=classifier"):
         train.load_init_model(base_model, "classifier", 32)
-    with pytest.raises(train.TrainingError, match="input 32x32 pixels, but data.input_size=64"):
-        train.load_init_model(base_model, "lung_unet", 64)
+    resized, init = train.load_init_model(base_model, "lung_unet", 64)  # progressive resizing
+    assert resized.input_shape == (None, 64, 64, 3) and resized.output_shape == (None, 64, 64, 1)
+    assert init == f"finetuned from {base_model} (random), resized from 32x32 px"
+    for a, b in zip(base.get_weights(), resized.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    flat_inputs = keras.Input((8, 8, 3))  # Flatten -> Dense: weights tied to the input size
+    flat = keras.Model(flat_inputs, keras.layers.Dense(1)(keras.layers.Flatten()(flat_inputs)))
+    flat.save(tmp_path / "flat.keras")
+    with pytest.raises(train.TrainingError, match="trained at 8x8 pixels, cannot run at data.input_size=16"):
+        train.load_init_model(tmp_path / "flat.keras", "classifier", 16)
     with pytest.raises(train.TrainingError, match="model.init_from: missing"):
         train.build_model("lung_unet", {"init_from": "???"}, 32)

@@ -6,7 +6,8 @@
 * Both take the windowed [0, 1] three-channel image: the ImageNet preprocessing is a layer inside
   each model. Pretrained-weights sources and the offline fallback: :mod:`.weights`.
 * :func:`load_model` loads a saved ``.keras`` model in safe mode; :func:`count_flops` counts FLOPs;
-  :func:`with_compute_precision` runs a model at another precision (float32 / bfloat16).
+  :func:`with_compute_precision` runs a model at another precision (float32 / bfloat16),
+  :func:`with_input_size` at another input size.
 * :func:`build_contrastive_model` -- SimCLR pre-training of either backbone on unlabeled CT;
   :func:`export_backbone` writes the weights file the two networks load (:mod:`.contrastive`).
 """
@@ -24,6 +25,7 @@ from radlogics_repro.models.precision import (
     PRECISION_CHOICES,
     resolve_precision,
     with_compute_precision,
+    with_input_size,
 )
 from radlogics_repro.models.unet import build_lung_unet
 from radlogics_repro.models.weights import (
@@ -58,4 +60,5 @@ __all__ = [
     "pretraining_provenance",
     "resolve_precision",
     "with_compute_precision",
+    "with_input_size",
 ]

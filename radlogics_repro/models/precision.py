@@ -1,4 +1,4 @@
-"""Run a saved model at another compute precision without retraining.
+"""Run a saved model at another compute precision, or another input size, without retraining.
 
 A model remembers the dtype policy it was trained with (``float32``, ``mixed_bfloat16``, ...).
 :func:`with_compute_precision` rebuilds it layer by layer under another policy and copies the
@@ -6,6 +6,10 @@ weights (variables stay float32 under the mixed policies), so a float32-trained 
 bfloat16 on a CPU with AVX-512 BF16 (about 2x faster here, see results/bench.md) and a
 bfloat16-trained one in float32 on hardware without bfloat16. The model's output layers keep
 float32, as the builders make them, so probabilities and masks stay float32.
+
+:func:`with_input_size` rebuilds a fully convolutional model (both networks here: the classifier
+ends in global average pooling) for another square input size with the same weights, e.g. to go on
+training a classifier trained at 112 px at 224 px (progressive resizing).
 """
 
 from __future__ import annotations
@@ -69,10 +73,35 @@ def with_compute_precision(model: keras.Model, policy: str) -> keras.Model:
     current = {layer.dtype_policy.name for layer in model.layers[1:-1]}
     if current == {policy}:
         return model
-    from radlogics_repro.models.weights import CUSTOM_OBJECTS
-
     config = copy.deepcopy(model.get_config())
     _set_policy(config, policy)
+    return _rebuilt(model, config)
+
+
+def with_input_size(model: keras.Model, size: int) -> keras.Model:
+    """``model`` rebuilt for ``(N, size, size, C)`` inputs, same weights (``model`` itself when it
+    already takes that size).
+
+    Raises:
+        ValueError: the weights do not fit the resized network (a layer whose weights depend on the
+            input size, e.g. Flatten then Dense), or ``size`` is not valid for it.
+    """
+    if tuple(model.input_shape[1:3]) == (size, size):
+        return model
+    config = copy.deepcopy(model.get_config())
+    inputs = [layer for layer in config["layers"] if layer["class_name"] == "InputLayer"]
+    if len(inputs) != 1:
+        raise ValueError(f"expected one input layer, found {len(inputs)}")
+    shape = list(inputs[0]["config"]["batch_shape"])
+    shape[1:3] = [size, size]
+    inputs[0]["config"]["batch_shape"] = tuple(shape)
+    return _rebuilt(model, config)
+
+
+def _rebuilt(model: keras.Model, config: dict) -> keras.Model:
+    """A new model of ``model``'s class from ``config``, with ``model``'s weights."""
+    from radlogics_repro.models.weights import CUSTOM_OBJECTS
+
     with keras.saving.custom_object_scope(CUSTOM_OBJECTS):
         rebuilt = model.__class__.from_config(config)
     rebuilt.set_weights(model.get_weights())
