@@ -31,9 +31,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lung_dice import dataset_rows, named_path, refuse_existing  # noqa: E402
+from lung_dice import dataset_rows, named_path, produced_by, refuse_existing  # noqa: E402
 
-from radlogics_repro import RESEARCH_USE_NOTICE, atomic, data, models, provenance  # noqa: E402
+from radlogics_repro import RESEARCH_USE_NOTICE, atomic, data, models  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
@@ -125,12 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(summary_row(dataset, name, run, slice_auc(run, rows, manifest, split,
                                                                      args.large_mm2)))
             print(summary[-1], flush=True)
-    env, given = provenance.environment(), " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         f"# {args.title}", "", f"_{RESEARCH_USE_NOTICE}_", "",
-        f"Produced by `python experiments/classifier_auc.py {given}` "
-        f"at commit `{env['commit']}` on {env['date']} ({env['machine']}, TensorFlow {env['tensorflow']}); "
-        f"the script took {(time.time() - started) / 60:.1f} min.", "",
+        produced_by("classifier_auc.py", argv, started), "",
         "Runs: " + "; ".join(f"**{name}** `{run['dir']}` (trained at commit "
                              f"`{run['metrics']['environment']['commit']}`)" for name, run in runs) + ".", "",
         "Data: " + "; ".join(f"**{name}** `{path}` split {split} ({len(rows)} scans)"

@@ -33,9 +33,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lung_dice import refuse_existing  # noqa: E402
+from lung_dice import produced_by, refuse_existing  # noqa: E402
 
-from radlogics_repro import RESEARCH_USE_NOTICE, atomic, models, provenance  # noqa: E402
+from radlogics_repro import RESEARCH_USE_NOTICE, atomic, models  # noqa: E402
 from radlogics_repro.bench import timing  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
@@ -137,12 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                          }.items():
         if column in table:
             table[column] = [v if v == "-" else format(v, spec) for v in table[column]]
-    env, given = provenance.environment(), " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         "# Lung U-Net decoder width: Dice against compute", "", f"_{RESEARCH_USE_NOTICE}_", "",
-        f"Produced by `python experiments/lung_decoder_sweep.py {given}` at commit `{env['commit']}` on "
-        f"{env['date']} ({env['machine']}, TensorFlow {env['tensorflow']}); the script took "
-        f"{(time.time() - started) / 60:.1f} min.", "",
+        produced_by("lung_decoder_sweep.py", argv, started), "",
         f"Compute columns: measured in this run at {SIZE} x {SIZE}, batch {BATCH}, decoders timed "
         f"alternately, median of {args.repeats} rounds after a warm-up. Dice columns: the trained runs "
         "named in the table (pooled Dice from their metrics.json; whole-scan Dice on held-out scans "

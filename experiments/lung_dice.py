@@ -63,6 +63,16 @@ def refuse_existing(out: Path) -> bool:
     return False
 
 
+def produced_by(script: str, argv: list[str] | None, started: float) -> str:
+    """The provenance sentence of a results file: the command as typed, the commit, the date, the
+    machine and how long the script took (``started``: its ``time.time()`` at the start)."""
+    env = provenance.environment()
+    given = " ".join(sys.argv[1:] if argv is None else argv)
+    return (f"Produced by `python experiments/{script} {given}` at commit `{env['commit']}` on "
+            f"{env['date']} ({env['machine']}, TensorFlow {env['tensorflow']}); the script took "
+            f"{(time.time() - started) / 60:.1f} min.")
+
+
 def load_at_precision(path: str, policy: str):
     """A saved model, rebuilt at the Keras dtype ``policy`` unless that is ``model``."""
     model = models.load_model(path)
@@ -135,12 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(summary_row(dataset, model_name, scans))
             print(summary[-1], flush=True)
     per_scan = pd.concat(per_scan, ignore_index=True)
-    env = provenance.environment()
     lines = [
         f"# {args.title}", "", f"_{RESEARCH_USE_NOTICE}_", "",
-        f"Produced by `python experiments/lung_dice.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
-        f"at commit `{env['commit']}` on {env['date']} ({env['machine']}, TensorFlow {env['tensorflow']}); "
-        f"the script took {(time.time() - started) / 60:.1f} min. Precision: {policy}.", "",
+        f"{produced_by('lung_dice.py', argv, started)} Precision: {policy}.", "",
         "Models: " + "; ".join(f"**{name}** `{path}`" for name, path in args.model) + ".", "",
         "Data: " + "; ".join(f"**{name}** `{path}` split {split} ({len(rows)} scans)"
                              for name, rows, path, split in datasets) + ".", "",

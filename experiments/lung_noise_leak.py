@@ -29,9 +29,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf  # noqa: E402
-from lung_dice import load_at_precision, named_path, refuse_existing  # noqa: E402
+from lung_dice import load_at_precision, named_path, produced_by, refuse_existing  # noqa: E402
 
-from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, models, provenance  # noqa: E402
+from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, models  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
 from radlogics_repro.train import load_task_slices  # noqa: E402
 
@@ -91,14 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         slices = slices.evenly_spaced(args.slices)
         rows.append({"model": name, "slices": len(slices), **leak_row(model, slices)})
         print(rows[-1], flush=True)
-    env = provenance.environment()
-    command = " ".join(sys.argv[1:] if argv is None else argv)
     lines = [
         "# Lung noise as a label: Dice on clean slices and on slices with the training noise", "",
         f"_{RESEARCH_USE_NOTICE}_", "",
-        f"Produced by `python experiments/lung_noise_leak.py {command}` "
-        f"at commit `{env['commit']}` on {env['date']} ({env['machine']}, TensorFlow {env['tensorflow']}); "
-        f"the script took {(time.time() - started) / 60:.1f} min. Precision: {policy}.", "",
+        f"{produced_by('lung_noise_leak.py', argv, started)} Precision: {policy}.", "",
         "Models: " + "; ".join(f"**{name}** `{path}`" for name, path in args.model) + ".", "",
         f"Data: `{manifest}` split {args.split}, {args.slices} evenly spaced slices (one every "
         f"{args.slice_step_mm:g} mm, lung-free slices {args.empty_fraction:g} of the lung ones). Dice pooled "
