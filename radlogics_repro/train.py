@@ -221,7 +221,7 @@ def load_init_model(path: str | os.PathLike, task: str, input_size: int) -> tupl
 
     A model trained at another input size is rebuilt for ``input_size`` with the same weights
     (both networks are fully convolutional): e.g. a classifier trained at 112 px goes on at 224 px
-    (progressive resizing; the record then adds ``, resized from 112 px``).
+    (progressive resizing; the record then adds ``, resized from 112x112 px``).
     """
     if str(path) == "???":
         raise TrainingError("model.init_from: missing; give the .keras model to fine-tune from")
@@ -236,8 +236,9 @@ def load_init_model(path: str | os.PathLike, task: str, input_size: int) -> tupl
         try:
             model = models.with_input_size(model, input_size)
         except ValueError as error:
+            reason = " ".join(str(error).split())[:200]  # Keras' messages span lines: keep one
             raise TrainingError(f"model.init_from={path}: trained at {trained_at} pixels, cannot run at "
-                                f"data.input_size={input_size} ({error})") from None
+                                f"data.input_size={input_size} ({reason})") from None
         log.info("model.init_from: trained at %s pixels, rebuilt for %d with the same weights",
                  trained_at, input_size)
         resized = f", resized from {trained_at} px"
