@@ -1,0 +1,54 @@
+"""Helpers of the result scripts in experiments/ (they are scripts, not a package: imported by path)."""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+
+import classifier_auc  # noqa: E402
+import lung_decoder_sweep  # noqa: E402
+import lung_dice  # noqa: E402
+
+from radlogics_repro import data  # noqa: E402
+
+
+def _slice_set(case_ids, z) -> data.SliceSet:
+    n = len(z)
+    return data.SliceSet(images=np.zeros((n, 4, 4), np.float16), masks=np.zeros((n, 0, 0), np.uint8),
+                         labels=np.zeros(n, np.uint8), case_ids=np.array(case_ids),
+                         patient_ids=np.array(case_ids), z=np.array(z))
+
+
+def test_lesion_areas_follow_case_and_slice_index(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("case_id\n")
+    slices = _slice_set(["B", "A", "A"], [2, 7, 0])
+    assert classifier_auc.lesion_areas(manifest, slices) is None  # no slices.csv beside it
+    pd.DataFrame({"case_id": ["A", "A", "B", "B"], "z": [0, 7, 2, 3],
+                  "lesion_area_mm2": [0.0, 310.5, 12.0, 99.0]}).to_csv(tmp_path / "slices.csv", index=False)
+    np.testing.assert_array_equal(classifier_auc.lesion_areas(manifest, slices), [12.0, 310.5, 0.0])
+    missing = classifier_auc.lesion_areas(manifest, _slice_set(["A"], [5]))
+    assert np.isnan(missing).all()
+
+
+def test_run_wall_minutes_from_the_first_and_last_log_lines(tmp_path):
+    assert lung_decoder_sweep.run_wall_minutes(tmp_path) is None
+    (tmp_path / "train.log").write_text(
+        "[2026-11-22 22:13:16,001][__main__][INFO] - start\nno stamp here\n"
+        "[2026-11-22 22:56:40,500][__main__][INFO] - done\n")
+    assert lung_decoder_sweep.run_wall_minutes(tmp_path) == pytest.approx(43.4)
+
+
+def test_command_line_specs_and_provenance_sentence():
+    assert lung_decoder_sweep.holdout_spec("results/a.csv:preset") == (Path("results/a.csv"), "preset")
+    with pytest.raises(Exception, match="CSV:MODEL"):
+        lung_decoder_sweep.holdout_spec("results/a.csv")
+    assert lung_dice.named_path("base=runs/x/model.keras", "--model") == ("base", "runs/x/model.keras")
+    sentence = lung_dice.produced_by("classifier_auc.py", ["--run", "a=b"], time.time() - 90)
+    assert sentence.startswith("Produced by `python experiments/classifier_auc.py --run a=b` at commit `")
+    assert sentence.endswith("the script took 1.5 min.")
