@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from datetime import datetime
@@ -34,6 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lung_dice import produced_by, refuse_existing  # noqa: E402
+from summarize_run import log_span  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, models  # noqa: E402
 from radlogics_repro.bench import timing  # noqa: E402
@@ -71,13 +71,10 @@ def measure_decoders(decoders: list[tuple[int, ...]], repeats: int) -> pd.DataFr
 
 def run_wall_minutes(run: Path) -> float | None:
     """Minutes between the first and last timestamps of the run's train.log."""
-    log = run / "train.log"
-    if not log.is_file():
+    span = log_span(run)
+    if span is None:
         return None
-    stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log.read_text(), flags=re.M)
-    if len(stamps) < 2:
-        return None
-    first, last = (datetime.strptime(s, "%Y-%m-%d %H:%M:%S") for s in (stamps[0], stamps[-1]))
+    first, last = (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S") for stamp in span)
     return (last - first).total_seconds() / 60
 
 

@@ -28,16 +28,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from classifier_auc import read_run, slice_auc  # noqa: E402  (experiments/, the script's folder)
+from lung_dice import dataset_rows  # noqa: E402
+
 from radlogics_repro import RESEARCH_USE_NOTICE, data, localize, models, provenance  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
-from radlogics_repro.train import predict  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 PUBLISHED_UCSD = [  # METHOD.md section 7, official test split: accuracy, F1, AUC
@@ -45,15 +45,6 @@ PUBLISHED_UCSD = [  # METHOD.md section 7, official test split: accuracy, F1, AU
     ("Self-Trans (self-supervised pre-training), published", 0.86, 0.85, 0.94),
     ("multi-task + self-supervised, published", 0.89, 0.90, 0.98),
 ]
-
-
-def read_run(run: Path) -> dict:
-    """metrics.json, model.json and the resolved config of a finished training run."""
-    run = Path(run)
-    return {"dir": run, "metrics": json.loads((run / "metrics.json").read_text()),
-            "card": json.loads((run / "model.json").read_text()),
-            "config": yaml.safe_load((run / "config.yaml").read_text()),
-            "history": pd.read_csv(run / "history.csv")}
 
 
 def check_same_budget(random_run: dict, pretrained_run: dict) -> None:
@@ -111,18 +102,10 @@ def medseg_localization(model_path: Path, images: np.ndarray, masks: list[np.nda
 
 def holdout_slice_auc(run: dict, manifest: Path) -> dict:
     """Slice AUC of a synthetic-trained classifier on the held-out synthetic patients (ground-truth
-    lung crops, the run's own slice settings), with a patient-bootstrap 95% interval."""
-    card, data_cfg = run["card"], run["config"]["data"]
-    slices = data.load_classification_slices(
-        data.read_manifest(manifest, required=("image", "lung_mask", "lesion_mask")), "test",
-        size=card["input_size"], step_mm=data_cfg["slice_step_mm"], input_mode=card["input_mode"],
-        margin_mm=card["crop_margin_mm"], min_lesion_area_mm2=card["min_lesion_area_mm2"],
-        min_lung_area_mm2=card["min_lung_area_mm2"])
-    scores = predict(models.load_model(run["dir"] / "model.keras"), slices.images, 16)[:, 0]
-    low, high = M.bootstrap_auc_ci(slices.labels, scores, slices.patient_ids)
-    return {"auc": M.auc(slices.labels, scores), "ci": [low, high], "n_slices": len(slices),
-            "n_abnormal": int(slices.labels.sum()),
-            "n_patients": int(np.unique(slices.patient_ids).size)}
+    lung crops, the run's own slice settings), with a patient-bootstrap 95% interval
+    (:func:`classifier_auc.slice_auc` on the manifest's test split)."""
+    rows, path, split = dataset_rows(f"{manifest}:test", None)
+    return slice_auc(run, rows, path, split, large_mm2=200.0)
 
 
 def ucsd_rows(pair: list[dict]) -> list[str]:

@@ -20,6 +20,15 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+def log_span(run_dir: Path) -> tuple[str, str] | None:
+    """First and last timestamps (``YYYY-MM-DD HH:MM:SS``) of the run's train.log, or None."""
+    log = run_dir / "train.log"
+    if not log.is_file():
+        return None
+    stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log.read_text(), flags=re.M)
+    return (stamps[0], stamps[-1]) if stamps else None
+
+
 def summarize(run_dir: Path) -> str:
     doc = json.loads((run_dir / "metrics.json").read_text())
     history = pd.read_csv(run_dir / "history.csv")
@@ -36,11 +45,9 @@ def summarize(run_dir: Path) -> str:
              f"{_fmt(doc['operating_threshold'])}"
              + (f"; case threshold (val): {_fmt(doc.get('case_threshold'))}"
                 if doc.get("case_threshold") is not None else "")]
-    log = run_dir / "train.log"
-    if log.exists():
-        started = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log.read_text(), flags=re.M)
-        if started:
-            lines.append(f"- log from {started[0]} to {started[-1]}")
+    span = log_span(run_dir)
+    if span:
+        lines.append(f"- log from {span[0]} to {span[1]}")
     lines += ["", "## Metrics (final model = best validation epoch)", "",
               "| split | metric | value |", "|---|---|---|"]
     for split, values in doc["metrics"].items():
