@@ -136,6 +136,33 @@ def test_frozen_batchnorm_keeps_its_statistics_and_scales_while_the_rest_trains(
     assert not np.array_equal(keras.ops.convert_to_numpy(conv.kernel), kernel)
 
 
+def test_first_stage_trains_at_its_size_then_the_run_goes_on_from_it(tiny_dataset, tmp_path, monkeypatch):
+    """Progressive resizing (trainer.first_stage): a finished first run at 32 px in
+    run_dir/first_stage, the main run at 64 px starting from its model; a restart reuses it."""
+    run_dir = tmp_path / "run"
+    overrides = smoke_overrides("classifier", tiny_dataset, run_dir, extra=[
+        "data.input_size=64", "trainer.epochs=1", "trainer.max_cases_per_split=1",
+        "trainer.precision=auto",
+        "trainer.first_stage={input_size: 32, epochs: 1, learning_rate: 1e-3, warmup_epochs: 0}"])
+    cfg = compose_train(overrides)
+    result = train.train(cfg)
+    stage = run_dir / "first_stage"
+    stage_card = json.loads((stage / "model.json").read_text())
+    assert stage_card["input_size"] == 32 and (stage / "metrics.json").exists()
+    assert len(pd.read_csv(stage / "history.csv")) == 1
+    assert result["init"] == f"finetuned from {stage / 'model.keras'} (random), resized from 32x32 px"
+    assert json.loads((run_dir / "model.json").read_text())["input_size"] == 64
+    assert result["precision"] == train.training_precision("auto")
+    assert train.training_precision("auto") in ("float32", "mixed_bfloat16")
+
+    def must_not_train(_cfg):
+        raise AssertionError("the finished first stage was trained again")
+
+    monkeypatch.setattr(train, "_train", must_not_train)
+    again = train.after_first_stage(cfg)
+    assert again.model.init_from == str(stage / "model.keras") and again.data.input_size == 64
+
+
 def test_finetune_local_starts_from_a_saved_model(tiny_dataset, tiny_models, tmp_path):
     base_model = tiny_models["lung"].resolve()  # a saved 32-pixel U-Net with its model.json
     tuned_dir = tmp_path / "tuned"
