@@ -178,14 +178,18 @@ def random_intensity(image, *, seed, brightness: float = 0.2, contrast: float = 
         noise_std: standard deviation of the pixel noise, on the [0, 1] scale.
     """
     s_b, s_c, s_g, s_n = _seeds(seed, 4)
-    shift = tf.random.stateless_uniform((), s_b, -brightness, brightness)
-    factor = tf.random.stateless_uniform((), s_c, 1.0 - contrast, 1.0 + contrast)
-    exponent = tf.random.stateless_uniform((), s_g, 1.0 - gamma, 1.0 + gamma)
-    mean = tf.reduce_mean(image)
-    out = tf.clip_by_value((image - mean) * factor + mean + shift, 0.0, 1.0)
+    # In float64, rounded to float32 once at the end: in float32 the same seed gave results 1 ulp
+    # apart from one run of the parallel tf.data pipeline to the next (the views must be a pure
+    # function of the seed; tests/test_pretrain.py).
+    shift = tf.random.stateless_uniform((), s_b, -brightness, brightness, dtype=tf.float64)
+    factor = tf.random.stateless_uniform((), s_c, 1.0 - contrast, 1.0 + contrast, dtype=tf.float64)
+    exponent = tf.random.stateless_uniform((), s_g, 1.0 - gamma, 1.0 + gamma, dtype=tf.float64)
+    wide = tf.cast(image, tf.float64)
+    mean = tf.reduce_mean(wide)
+    out = tf.clip_by_value((wide - mean) * factor + mean + shift, 0.0, 1.0)
     out = tf.pow(out + 1e-6, exponent)
-    noise = tf.random.stateless_normal(tf.shape(image)[:2], s_n, stddev=noise_std)
-    return tf.clip_by_value(out + noise[..., tf.newaxis], 0.0, 1.0)
+    noise = tf.random.stateless_normal(tf.shape(image)[:2], s_n, stddev=noise_std, dtype=tf.float64)
+    return tf.cast(tf.clip_by_value(out + noise[..., tf.newaxis], 0.0, 1.0), image.dtype)
 
 
 def contrastive_view_augmenter(*, crop_min_scale: float = 0.35, max_degrees: float = 20.0,
