@@ -4,7 +4,7 @@
         --model base=runs/lung_unet/<run>/model.keras [--model finetuned=runs/lung_unet/<ft>/model.keras] \
         --data site=~/.cache/radlogics_repro/synthetic/site_b/manifest.csv:test \
         [--data holdout=~/.cache/radlogics_repro/synthetic/holdout/manifest.csv:test] \
-        [--max-scans 10] [--out results/local_site.md]
+        [--max-scans 10] [--slice-step-mm 0 2.5] [--out results/local_site.md]
 
 Every scan of the chosen split goes through the analysis's own lung segmentation
 (:func:`radlogics_repro.lung_segmentation.segment_lungs`: the network on every slice that may hold
@@ -22,6 +22,7 @@ manifest's order (None: all).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -93,14 +94,15 @@ def dataset_rows(spec: str, max_scans: int | None) -> tuple[pd.DataFrame, str, s
     return rows, path, split
 
 
-def scan_dice(row: pd.Series, model) -> dict:
+def scan_dice(row: pd.Series, model, slice_step_mm: float | None = None) -> dict:
     """3D lung Dice of one scan (the analysis's segmentation against the reference), and whether the
-    scan is severe."""
+    scan is severe. ``slice_step_mm``: as ``analysis.lung_slice_step_mm`` (None: every slice)."""
     study = io.load_study(row["image"])
     reference = io.load_mask(row["lung_mask"], study) > 0
     lesion = io.load_mask(row["lesion_mask"], study) > 0
     started = time.perf_counter()
-    predicted = lung_segmentation.segment_lungs(study, model, input_size=int(model.input_shape[1])) > 0
+    predicted = lung_segmentation.segment_lungs(study, model, input_size=int(model.input_shape[1]),
+                                                slice_step_mm=slice_step_mm) > 0
     seconds = time.perf_counter() - started
     lung_voxels = int(reference.sum())
     return {"case_id": row["case_id"], "patient_id": row["patient_id"], "slices": study.hu.shape[0],
@@ -109,9 +111,11 @@ def scan_dice(row: pd.Series, model) -> dict:
             "seconds": seconds}
 
 
-def summary_row(dataset: str, model_name: str, scans: pd.DataFrame) -> dict:
+def summary_row(dataset: str, model_name: str, step_mm: float | None, scans: pd.DataFrame) -> dict:
     severe = scans.loc[scans["severe"], "lung_dice"]
-    return {"data": dataset, "model": model_name, "scans": len(scans),
+    return {"data": dataset, "model": model_name,
+            "network on slices (mm apart)": f"<= {step_mm:g}" if step_mm else "every",
+            "scans": len(scans),
             "mean Dice": _fmt(scans["lung_dice"].mean()), "min Dice": _fmt(scans["lung_dice"].min()),
             "severe mean Dice (n)": f"{_fmt(severe.mean()) if len(severe) else '-'} ({len(severe)})",
             "s/slice": f"{scans['seconds'].sum() / scans['slices'].sum():.3f}"}
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME=manifest.csv[:split] (default split: test; repeat)")
     parser.add_argument("--max-scans", type=int, default=None, help="scans per dataset (default: all)")
     parser.add_argument("--precision", default="auto", choices=models.PRECISION_CHOICES)
+    parser.add_argument("--slice-step-mm", type=float, nargs="+", default=[0.0],
+                        help="analysis.lung_slice_step_mm values to compare (0: every slice)")
     parser.add_argument("--title", default="Lung segmentation of whole scans")
     parser.add_argument("--out", default="results/lung_dice.md")
     args = parser.parse_args(argv)
@@ -137,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     per_scan, summary = [], []
     for model_name, path in args.model:
         model = load_at_precision(path, policy)
-        for dataset, rows, _, _ in datasets:
-            scans = pd.DataFrame([scan_dice(row, model) for _, row in rows.iterrows()])
+        for (dataset, rows, _, _), step_mm in itertools.product(datasets, args.slice_step_mm):
+            scans = pd.DataFrame([scan_dice(row, model, step_mm or None) for _, row in rows.iterrows()])
+            scans.insert(0, "slice_step_mm", step_mm)
             scans.insert(0, "model", model_name)
             scans.insert(0, "data", dataset)
             per_scan.append(scans)
-            summary.append(summary_row(dataset, model_name, scans))
+            summary.append(summary_row(dataset, model_name, step_mm, scans))
             print(summary[-1], flush=True)
     per_scan = pd.concat(per_scan, ignore_index=True)
     lines = [
@@ -152,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "Data: " + "; ".join(f"**{name}** `{path}` split {split} ({len(rows)} scans)"
                              for name, rows, path, split in datasets) + ".", "",
         "3D Dice of each scan's lung mask (the analysis's own segmentation: network, largest components, "
-        f"holes filled) against the reference; severe: reference lesions >= {SEVERE_INVOLVEMENT:.0%} of "
+        f"holes filled) against the reference; network on slices at most X mm apart: "
+        "`analysis.lung_slice_step_mm=X`, the probabilities of the slices in between interpolated; "
+        f"severe: reference lesions >= {SEVERE_INVOLVEMENT:.0%} of "
         "the lung volume. s/slice: segmentation seconds per slice of the scan (slices with no lung are "
         "skipped before the network).", "",
         frame_markdown(pd.DataFrame(summary)), "",

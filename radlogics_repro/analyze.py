@@ -160,6 +160,7 @@ class AnalysisSettings:
     n_overlays: int = 3
     precision: str = "auto"
     skip_lung_free_slices: bool = True
+    lung_slice_step_mm: float | None = None
     gradcam_layers: tuple[str, ...] = localize.GRADCAM_LAYERS
 
 
@@ -320,7 +321,8 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
     lung_size = int(models.lung_unet.input_shape[1])
     lung_labels = segment_lungs(study, models.lung_unet, batch_size=settings.batch_size,
                                 label_sides=True, input_size=lung_size,
-                                skip_lung_free_slices=settings.skip_lung_free_slices)
+                                skip_lung_free_slices=settings.skip_lung_free_slices,
+                                slice_step_mm=settings.lung_slice_step_mm)
     lap("lung_segmentation")
 
     card = models.classifier_card
@@ -635,6 +637,7 @@ def settings_from_config(cfg) -> AnalysisSettings:
         consolidation_hu=tuple(float(v) for v in cfg.consolidation_hu),
         engine=str(cfg.engine), batch_size=int(cfg.batch_size), n_overlays=int(cfg.n_overlays),
         precision=str(cfg.precision), skip_lung_free_slices=bool(cfg.skip_lung_free_slices),
+        lung_slice_step_mm=None if cfg.lung_slice_step_mm is None else float(cfg.lung_slice_step_mm),
         gradcam_layers=tuple(str(v) for v in cfg.gradcam_layers))
 
 

@@ -136,3 +136,35 @@ def test_skipped_slices_get_no_lung_and_cost_no_forward_pass():
     mask = ls.predict_lung_mask(hu, model, batch_size=2, input_size=32, slices=run)
     assert sum(calls) == 3
     assert mask[3:6].all() and not mask[:3].any() and not mask[6:].any()
+
+
+def test_slice_step_runs_the_network_on_every_kth_slice_and_interpolates_between():
+    calls = []
+
+    class WindowEcho:
+        """Answers with the windowed input itself as the lung probability, and counts slices."""
+
+        def predict_on_batch(self, batch):
+            calls.append(int(batch.shape[0]))
+            return np.asarray(batch)[..., :1]
+
+    # slice z is uniform at -1000 + 100 z HU: windowed 0.1 z, so lung (>= 0.5) from z = 5 on
+    hu = np.repeat((-1000.0 + 100.0 * np.arange(9, dtype=np.float32))[:, None, None], 16, axis=1)
+    hu = np.repeat(hu, 16, axis=2)
+    every = ls.predict_lung_mask(hu, WindowEcho(), batch_size=2, input_size=16)
+    assert sum(calls) == 9 and every[5:].all() and not every[:5].any()
+    calls.clear()
+    stepped = ls.predict_lung_mask(hu, WindowEcho(), batch_size=2, input_size=16, slice_step=4)
+    assert sum(calls) == 3  # slices 0, 4 and 8; linear in z, so the interpolation is exact
+    np.testing.assert_array_equal(stepped, every)
+    hu[2] = 0.0  # windowed 1.0, but slice 2 does not run: it gets (0.0 + 0.4) / 2 = 0.2
+    assert not ls.predict_lung_mask(hu, WindowEcho(), input_size=16, slice_step=4)[2].any()
+    assert ls.predict_lung_mask(hu, WindowEcho(), input_size=16, slice_step=1)[2].all()
+
+    np.testing.assert_array_equal(ls.slices_to_run(np.r_[3:10, 20:22], 3), [3, 6, 9, 20, 21])
+    run = np.array([3, 6, 9, 20, 21])
+    probs = run[:, None, None].astype(np.float32) * np.ones((1, 2, 2), np.float32)
+    np.testing.assert_allclose(ls.interpolate_between(probs, run, np.r_[3:10, 20:22])[:, 0, 0],
+                               [3, 4, 5, 6, 7, 8, 9, 20, 21])
+    assert [ls.slice_step_for(dz, 2.5) for dz in (0.625, 1.19, 1.25, 2.5, 5.0)] == [4, 2, 2, 1, 1]
+    assert ls.slice_step_for(1.0, None) == 1
