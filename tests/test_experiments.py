@@ -10,6 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
+import analyze_speed_options  # noqa: E402
 import classifier_auc  # noqa: E402
 import lung_decoder_sweep  # noqa: E402
 import lung_dice  # noqa: E402
@@ -52,3 +53,18 @@ def test_command_line_specs_and_provenance_sentence():
     sentence = lung_dice.produced_by("classifier_auc.py", ["--run", "a=b"], time.time() - 90)
     assert sentence.startswith("Produced by `python experiments/classifier_auc.py --run a=b` at commit `")
     assert sentence.endswith("the script took 1.5 min.")
+
+
+def test_analyze_speed_options_writes_its_table_on_a_small_study(tiny_models, tmp_path):
+    out = tmp_path / "speed.md"
+    assert analyze_speed_options.main([
+        "--lung-model", str(tiny_models["lung"]), "--classifier-model", str(tiny_models["classifier"]),
+        "--slice-step-mm", "3", "--repeats", "1", "--slices", "24", "--in-plane", "96",
+        "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Research use only" in text and "Produced by `python experiments/analyze_speed_options.py" in text
+    for variant in ("U-Net on every slice", "U-Net on slices <= 3 mm apart", "ResNet-50 in float32",
+                    "ResNet-50 in mixed_bfloat16"):
+        assert variant in text, variant
+    assert analyze_speed_options.main(["--lung-model", "x", "--classifier-model", "y",
+                                       "--out", str(out)]) == 2  # never overwrites a result

@@ -1,0 +1,151 @@
+"""What two ways to a faster ``analyze`` buy on the benchmark study: results/analyze_speed_options.md.
+
+    python experiments/analyze_speed_options.py --lung-model runs/lung_unet/<run>/model.keras \
+        --classifier-model runs/classifier/<run>/model.keras [--slice-step-mm 2.5] [--repeats 3] \
+        [--slices 300 --in-plane 512] \
+        [--out results/analyze_speed_options.md]
+
+On the benchmark's 300 x 512 x 512 synthetic study (:func:`radlogics_repro.bench.study.make_bench_study`,
+the study of ``python -m radlogics_repro.bench``) this times, in one process and alternately
+(median of ``--repeats`` rounds after a warm-up, so machine noise hits the variants alike):
+
+- lung segmentation (``segment_lungs`` as ``analyze`` runs it, U-Net in bfloat16 on a CPU with it)
+  on every slice, and on slices at most ``--slice-step-mm`` apart with the probabilities of the
+  slices in between interpolated (``analysis.lung_slice_step_mm``); the table adds the 3D Dice of
+  the stepped lung mask against the every-slice one and against the phantom's true lungs;
+- the classifier's stages (probability of every lung slice; Grad-CAM fine maps of the positive
+  ones, fused engine) with the ResNet-50 in float32 and in mixed_bfloat16.
+
+The stage seconds of a whole run at each setting are in results/bench.md; the Dice of the stepped
+segmentation over the held-out scans comes from ``experiments/lung_dice.py --slice-step-mm``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lung_dice import produced_by, refuse_existing  # noqa: E402
+
+from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, models  # noqa: E402
+from radlogics_repro.bench import timing  # noqa: E402
+from radlogics_repro.bench.study import make_bench_study  # noqa: E402
+from radlogics_repro.evaluate import metrics as M  # noqa: E402
+from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
+from radlogics_repro.lung_segmentation import segment_lungs, slice_step_for  # noqa: E402
+
+BATCH = 8
+
+
+def lung_rows(study, case, lung_unet, step_mm: float, repeats: int) -> tuple[list[dict], np.ndarray]:
+    """Lung segmentation on every slice against every ``step``-th: seconds, network slices, Dice.
+    Returns (rows, the every-slice labels)."""
+    size = int(lung_unet.input_shape[1])
+    masks = {}
+
+    def segment(step):
+        def run():
+            masks[step] = segment_lungs(study, lung_unet, batch_size=BATCH, label_sides=True,
+                                        input_size=size, slice_step_mm=step)
+        return run
+
+    times = timing.interleaved({"every": segment(None), "stepped": segment(step_mm)}, repeats)
+    every, stepped = masks[None] > 0, masks[step_mm] > 0
+    truth = case.lung_mask > 0
+    step = slice_step_for(float(study.spacing[0]), step_mm)
+    rows = []
+    stepped_label = f"slices <= {step_mm:g} mm apart (here {step} slices apart)"
+    for name, mask, label in (("every", every, "every slice"), ("stepped", stepped, stepped_label)):
+        rows.append({"stage": "lung segmentation", "variant": f"U-Net on {label}",
+                     "median s": times[name].seconds, "s per repeat": times[name].all_seconds,
+                     "Dice vs every slice": M.dice(mask, every), "Dice vs true lungs": M.dice(mask, truth)})
+    return rows, masks[None]
+
+
+def classifier_rows(study, lung_labels, loaded, repeats: int) -> list[dict]:
+    """Probability of every lung slice and fine maps of the positive slices, float32 vs bfloat16."""
+    z = analyze.lung_slice_indices(study, lung_labels, loaded.classifier_card)
+    settings = analyze.AnalysisSettings(batch_size=BATCH)
+    threshold = loaded.classifier_card.get("operating_threshold") or 0.5
+    nets = {policy: models.with_compute_precision(loaded.classifier, policy)
+            for policy in ("float32", "mixed_bfloat16")}
+    positive = {}
+
+    def probabilities(policy):
+        def run():
+            probs, _ = analyze.classify_slices(study, lung_labels, z,
+                                               replace(loaded, classifier=nets[policy]), BATCH)
+            positive[policy] = z[probs >= threshold]
+        return run
+
+    def fine_maps(policy):
+        chosen = replace(loaded, classifier=nets[policy])
+        return lambda: analyze.fine_maps_of_slices(study, lung_labels, positive["float32"], chosen, settings)
+
+    probability_times = timing.interleaved({p: probabilities(p) for p in nets}, repeats)
+    map_times = timing.interleaved({p: fine_maps(p) for p in nets}, repeats)
+    agree = float(np.mean(np.isin(positive["mixed_bfloat16"], positive["float32"]))) if len(
+        positive["mixed_bfloat16"]) else 1.0
+    rows = []
+    for policy in nets:
+        rows.append({"stage": f"classification ({len(z)} lung slices)", "variant": f"ResNet-50 in {policy}",
+                     "median s": probability_times[policy].seconds,
+                     "s per repeat": probability_times[policy].all_seconds,
+                     "positive slices": str(len(positive[policy])),
+                     "cores used": f"{probability_times[policy].cpu_share:.0%}"})
+    rows[-1]["bf16 positives also f32 positives"] = f"{agree:.1%}"
+    for policy in nets:
+        rows.append({"stage": f"Grad-CAM ({len(positive['float32'])} positive slices)",
+                     "variant": f"ResNet-50 in {policy}", "median s": map_times[policy].seconds,
+                     "s per repeat": map_times[policy].all_seconds,
+                     "cores used": f"{map_times[policy].cpu_share:.0%}"})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lung-model", required=True)
+    parser.add_argument("--classifier-model", required=True)
+    parser.add_argument("--slice-step-mm", type=float, default=2.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300, help="study size (the benchmark's: 300 x 512)")
+    parser.add_argument("--in-plane", type=int, default=512)
+    parser.add_argument("--out", default="results/analyze_speed_options.md")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if refuse_existing(out):
+        return 2
+    started = time.time()
+    loaded = analyze.load_analysis_models(args.lung_model, args.classifier_model, precision="auto")
+    with tempfile.TemporaryDirectory() as folder:
+        bench_study = make_bench_study(Path(folder), args.slices, args.in_plane)
+    study, case = bench_study.study, bench_study.case
+    rows, lung_labels = lung_rows(study, case, loaded.lung_unet, args.slice_step_mm, args.repeats)
+    rows += classifier_rows(study, lung_labels, loaded, args.repeats)
+    table = pd.DataFrame(rows)
+    table["s per repeat"] = table["s per repeat"].map(lambda v: ", ".join(f"{s:.1f}" for s in v))
+    lines = [
+        "# Two ways to a faster analyze, on the benchmark study", "", f"_{RESEARCH_USE_NOTICE}_", "",
+        f"{produced_by('analyze_speed_options.py', argv, started)}", "",
+        f"Models: lung U-Net `{args.lung_model}` (run at {loaded.precision}), classifier "
+        f"`{args.classifier_model}`.", "",
+        f"Study: {bench_study.describe()}. Variants timed alternately in this one process, median of "
+        f"{args.repeats} rounds after a warm-up; batch {BATCH}. Grad-CAM: the fused engine on the "
+        "float32 model's positive slices for both precisions.", "",
+        frame_markdown(table.astype(object).fillna("-")), ""]
+    atomic.write_text(out, "\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
