@@ -4,7 +4,7 @@
         --model base=runs/lung_unet/<run>/model.keras [--model finetuned=runs/lung_unet/<ft>/model.keras] \
         --data site=~/.cache/radlogics_repro/synthetic/site_b/manifest.csv:test \
         [--data holdout=~/.cache/radlogics_repro/synthetic/holdout/manifest.csv:test] \
-        [--max-scans 10] [--slice-step-mm 0 2.5] [--out results/local_site.md]
+        [--max-scans 10] [--max-slice-mm 2.5] [--slice-step-mm 0 2.5] [--out results/local_site.md]
 
 Every scan of the chosen split goes through the analysis's own lung segmentation
 (:func:`radlogics_repro.lung_segmentation.segment_lungs`: the network on every slice that may hold
@@ -80,8 +80,10 @@ def load_at_precision(path: str, policy: str):
     return model if policy == "model" else models.with_compute_precision(model, policy)
 
 
-def dataset_rows(spec: str, max_scans: int | None) -> tuple[pd.DataFrame, str, str]:
-    """``MANIFEST[:SPLIT]`` -> (the split's rows, capped; manifest path; split)."""
+def dataset_rows(spec: str, max_scans: int | None, max_slice_mm: float | None = None
+                 ) -> tuple[pd.DataFrame, str, str]:
+    """``MANIFEST[:SPLIT]`` -> (the split's rows, those with slices at most ``max_slice_mm`` apart
+    when given (the manifest's ``spacing_z_mm``), capped; manifest path; split)."""
     path, split = spec, "test"
     head, sep, tail = spec.rpartition(":")
     if sep and tail in data.SPLITS:
@@ -89,6 +91,10 @@ def dataset_rows(spec: str, max_scans: int | None) -> tuple[pd.DataFrame, str, s
     path = str(Path(path).expanduser())
     manifest = data.read_manifest(path, required=("image", "lung_mask", "lesion_mask"))
     rows = data.split_rows(manifest, split)
+    if max_slice_mm is not None:
+        if "spacing_z_mm" not in rows:
+            raise SystemExit(f"error: {path}: no spacing_z_mm column for --max-slice-mm")
+        rows = rows[rows["spacing_z_mm"] <= max_slice_mm]
     if max_scans is not None and len(rows) > max_scans:
         rows = rows.iloc[np.linspace(0, len(rows) - 1, max_scans).round().astype(int)]
     return rows, path, split
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", action="append", required=True, type=lambda t: named_path(t, "--data"),
                         help="NAME=manifest.csv[:split] (default split: test; repeat)")
     parser.add_argument("--max-scans", type=int, default=None, help="scans per dataset (default: all)")
+    parser.add_argument("--max-slice-mm", type=float, default=None,
+                        help="only scans whose slices are at most this far apart (mm)")
     parser.add_argument("--precision", default="auto", choices=models.PRECISION_CHOICES)
     parser.add_argument("--slice-step-mm", type=float, nargs="+", default=[0.0],
                         help="analysis.lung_slice_step_mm values to compare (0: every slice)")
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if refuse_existing(out):
         return 2
     started = time.time()
-    datasets = [(name, *dataset_rows(spec, args.max_scans)) for name, spec in args.data]
+    datasets = [(name, *dataset_rows(spec, args.max_scans, args.max_slice_mm)) for name, spec in args.data]
     policy = models.resolve_precision(args.precision)
     per_scan, summary = [], []
     for model_name, path in args.model:
@@ -152,11 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             summary.append(summary_row(dataset, model_name, step_mm, scans))
             print(summary[-1], flush=True)
     per_scan = pd.concat(per_scan, ignore_index=True)
+    thin = f" with slices <= {args.max_slice_mm:g} mm apart" if args.max_slice_mm is not None else ""
     lines = [
         f"# {args.title}", "", f"_{RESEARCH_USE_NOTICE}_", "",
         f"{produced_by('lung_dice.py', argv, started)} Precision: {policy}.", "",
         "Models: " + "; ".join(f"**{name}** `{path}`" for name, path in args.model) + ".", "",
-        "Data: " + "; ".join(f"**{name}** `{path}` split {split} ({len(rows)} scans)"
+        "Data: " + "; ".join(f"**{name}** `{path}` split {split} ({len(rows)} scans{thin})"
                              for name, rows, path, split in datasets) + ".", "",
         "3D Dice of each scan's lung mask (the analysis's own segmentation: network, largest components, "
         f"holes filled) against the reference; network on slices at most X mm apart: "

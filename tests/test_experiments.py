@@ -68,3 +68,15 @@ def test_analyze_speed_options_writes_its_table_on_a_small_study(tiny_models, tm
         assert variant in text, variant
     assert analyze_speed_options.main(["--lung-model", "x", "--classifier-model", "y",
                                        "--out", str(out)]) == 2  # never overwrites a result
+
+
+def test_lung_dice_keeps_the_thin_slice_scans_of_a_split(tmp_path):
+    for name in ("a.nii.gz", "l.nii.gz", "m.nii.gz"):
+        (tmp_path / name).touch()
+    pd.DataFrame({"case_id": ["C1", "C2", "C3", "C4"], "patient_id": ["P1", "P2", "P3", "P4"],
+                  "split": ["test", "test", "test", "train"], "spacing_z_mm": [1.2, 2.5, 4.0, 1.0],
+                  "image": "a.nii.gz", "lung_mask": "l.nii.gz", "lesion_mask": "m.nii.gz"}
+                 ).to_csv(tmp_path / "manifest.csv", index=False)
+    spec = f"{tmp_path / 'manifest.csv'}:test"
+    assert list(lung_dice.dataset_rows(spec, None)[0]["case_id"]) == ["C1", "C2", "C3"]
+    assert list(lung_dice.dataset_rows(spec, None, max_slice_mm=2.5)[0]["case_id"]) == ["C1", "C2"]
