@@ -491,6 +491,7 @@ def after_first_stage(cfg: DictConfig) -> DictConfig:
         _train(stage_cfg)
     main_cfg = cfg.copy()
     with open_dict(main_cfg):
+        main_cfg.run_dir = str(stage_dir.parent)  # resolved once: ${now:...} must not move it
         main_cfg.model.init_from = str(stage_dir / "model.keras")
     return main_cfg
 

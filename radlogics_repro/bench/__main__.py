@@ -25,16 +25,19 @@ log = logging.getLogger(__name__)
 
 
 def training_presets() -> dict[str, suite.TaskPreset]:
-    """Batch size, precision, augmentation and architecture of each task's experiment, composed
-    with Hydra (needs an initialised Hydra: inside the app, or ``initialize_config_module``)."""
+    """Batch size, precision (``auto`` resolved for this machine), augmentation and architecture of
+    each task's experiment, composed with Hydra (needs an initialised Hydra: inside the app, or
+    ``initialize_config_module``)."""
     from hydra import compose
+
+    from radlogics_repro.train import training_precision
 
     presets = {}
     for task in suite.TASKS:
         cfg = compose(config_name="train", overrides=[f"+experiment={task}"])
         model = cfg.model
         presets[task] = suite.TaskPreset(
-            batch_size=int(cfg.trainer.batch_size), precision=str(cfg.trainer.precision),
+            batch_size=int(cfg.trainer.batch_size), precision=training_precision(str(cfg.trainer.precision)),
             augment=OmegaConf.to_container(cfg.augment, resolve=True),
             decoder_filters=tuple(model.decoder_filters) if task == "lung_unet" else None,
             dense_units=tuple(model.dense_units) if task == "classifier" else None)
