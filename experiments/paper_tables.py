@@ -1,14 +1,16 @@
 """Rerun the paper's tables on the synthetic data and write results/paper_tables.md.
 
-    python experiments/paper_tables.py [--max-cases N] [--name synthetic_holdout]
+    python experiments/paper_tables.py [--max-cases N] [--name synthetic_holdout] \
+        [--lung-run runs/lung_unet/<run>] [--classifier-run runs/classifier/<run>]
 
 Steps (each skipped when its output exists, so a killed run continues):
 
 1. the models: the newest finished runs of ``python -m radlogics_repro.train +experiment=lung_unet``
-   and ``+experiment=classifier`` under runs/ (train them first; the script does not, because that
-   is the hour-long part: see README);
+   and ``+experiment=classifier`` under runs/, or the runs given (train them first; the script does
+   not, because that is the hour-long part: see README);
 2. ``python -m radlogics_repro.evaluate data=synthetic_holdout`` on held-out synthetic patients
    (16 patients generated with another seed than the training data, so none was seen in training);
+   an existing evaluation of the same name is reused only when it used the same two models;
 3. one table, claim by claim (METHOD.md section 7): what the paper reports, what was obtained here,
    on which data, from which file.
 
@@ -32,11 +34,18 @@ from radlogics_repro.analyze import latest_run_model  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 
 
-def evaluate(name: str, max_cases: int | None) -> Path:
+def evaluate(name: str, max_cases: int | None, lung_model: str, classifier_model: str) -> Path:
     folder = ROOT / "results" / name
-    if not (folder / "metrics.json").exists():
+    done = folder / "metrics.json"
+    if done.exists():
+        used = json.loads(done.read_text())["models"]
+        if (used["lung"], used["classifier"]) != (lung_model, classifier_model):
+            raise SystemExit(f"error: {done}: evaluated other models ({used['lung']}, {used['classifier']}); "
+                             "pass another --name (or remove that folder)")
+    else:
         args = [sys.executable, "-m", "radlogics_repro.evaluate", "data=synthetic_holdout", "split=test",
-                f"name={name}", f"output_dir={folder}"]
+                f"name={name}", f"output_dir={folder}", f"lung_model={lung_model}",
+                f"classifier_model={classifier_model}"]
         if max_cases:
             args.append(f"max_cases={max_cases}")
         print("$", " ".join(args), flush=True)
@@ -61,7 +70,8 @@ def rows(evaluation: dict, classifier_run: dict, lung_run: dict, eval_file: str,
          eval_file),
         ("slice classifier, held-out split of its training data", "not reported",
          f"val AUC {_fmt(cls['val']['auc'])}, test AUC {_fmt(cls.get('test', {}).get('auc'))}",
-         "synthetic default (val 15 scans, test 4 scans)", classifier_file),
+         f"{classifier_run['data']['name']} (val {cls['val'].get('cases', {}).get('n', '?')} scans, "
+         f"test {cls.get('test', {}).get('cases', {}).get('n', 0)} scans)", classifier_file),
         ("Corona Score tracks severity", "qualitative (curves)",
          f"Pearson r {_fmt(m['corona_vs_reference']['pearson_r'])}, Spearman "
          f"{_fmt(m['corona_vs_reference']['spearman_rho'])} against the true lesion volume", data,
@@ -82,12 +92,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", default="synthetic_holdout")
     parser.add_argument("--max-cases", type=int, default=None)
+    parser.add_argument("--lung-run", type=Path, default=None, help="default: the newest finished one")
+    parser.add_argument("--classifier-run", type=Path, default=None, help="default: the newest finished one")
     args = parser.parse_args(argv)
     start = time.time()
     runs = ROOT / "runs"
-    classifier_dir = latest_run_model(runs, "classifier").parent
-    lung_dir = latest_run_model(runs, "lung_unet").parent
-    eval_file = evaluate(args.name, args.max_cases)
+    classifier_dir = (ROOT / args.classifier_run if args.classifier_run
+                      else latest_run_model(runs, "classifier").parent).resolve()
+    lung_dir = (ROOT / args.lung_run if args.lung_run
+                else latest_run_model(runs, "lung_unet").parent).resolve()
+    eval_file = evaluate(args.name, args.max_cases, f"runs/lung_unet/{lung_dir.name}/model.keras",
+                         f"runs/classifier/{classifier_dir.name}/model.keras")
     evaluation = json.loads(eval_file.read_text())
     table = rows(evaluation, json.loads((classifier_dir / "metrics.json").read_text()),
                  json.loads((lung_dir / "metrics.json").read_text()),

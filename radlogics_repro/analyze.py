@@ -160,7 +160,7 @@ class AnalysisSettings:
     n_overlays: int = 3
     precision: str = "auto"
     skip_lung_free_slices: bool = True
-    lung_slice_step_mm: float | None = None
+    lung_slice_step_mm: float | None = 2.5  # results/analyze_speed_options.md, lung_dice_slice_step.md
     gradcam_layers: tuple[str, ...] = localize.GRADCAM_LAYERS
 
 

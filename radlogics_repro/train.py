@@ -455,15 +455,18 @@ def train(cfg: DictConfig) -> dict:
     The Keras dtype policy is set from ``trainer.precision`` for the run and restored afterwards.
     """
     policy = keras.mixed_precision.global_policy()
+    # Read once, at the start: the code this process trains with, for both stages of a run (the
+    # checkout may move on during an hour-long run).
+    environment = provenance.environment()
     try:
         if cfg.trainer.get("first_stage") and not cfg.model.get("init_from"):
-            cfg = after_first_stage(cfg)
-        return _train(cfg)
+            cfg = after_first_stage(cfg, environment)
+        return _train(cfg, environment)
     finally:
         keras.mixed_precision.set_global_policy(policy)
 
 
-def after_first_stage(cfg: DictConfig) -> DictConfig:
+def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
     """Progressive resizing: train the run's model at ``trainer.first_stage.input_size`` first,
     then return the config that goes on from that model at ``data.input_size``.
 
@@ -488,7 +491,7 @@ def after_first_stage(cfg: DictConfig) -> DictConfig:
     else:
         log.info("first stage: %d epochs at %d px in %s, then %d epochs at %d px",
                  stage.epochs, stage.input_size, stage_dir, cfg.trainer.epochs, cfg.data.input_size)
-        _train(stage_cfg)
+        _train(stage_cfg, environment)
     main_cfg = cfg.copy()
     with open_dict(main_cfg):
         main_cfg.run_dir = str(stage_dir.parent)  # resolved once: ${now:...} must not move it
@@ -496,13 +499,12 @@ def after_first_stage(cfg: DictConfig) -> DictConfig:
     return main_cfg
 
 
-def _train(cfg: DictConfig) -> dict:
+def _train(cfg: DictConfig, environment: dict) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plain = OmegaConf.to_container(cfg, resolve=True)
     config_yaml = OmegaConf.to_yaml({k: v for k, v in plain.items() if k not in ("run_dir", "overwrite")})
     resume = check_run_dir(run_dir, config_yaml, cfg.overwrite)
-    environment = provenance.environment()  # at the start: the code this run trains with
     task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
     if task not in ("lung_unet", "classifier", "pretrain"):
         raise TrainingError(f"task={task!r}: use +experiment=lung_unet, classifier or "

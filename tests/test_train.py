@@ -152,14 +152,16 @@ def test_first_stage_trains_at_its_size_then_the_run_goes_on_from_it(tiny_datase
     assert len(pd.read_csv(stage / "history.csv")) == 1
     assert result["init"] == f"finetuned from {stage / 'model.keras'} (random), resized from 32x32 px"
     assert json.loads((run_dir / "model.json").read_text())["input_size"] == 64
+    stage_metrics = json.loads((stage / "metrics.json").read_text())
+    assert stage_metrics["environment"] == result["environment"]  # read once, for both stages
     assert result["precision"] == train.training_precision("auto")
     assert train.training_precision("auto") in ("float32", "mixed_bfloat16")
 
-    def must_not_train(_cfg):
+    def must_not_train(*_):
         raise AssertionError("the finished first stage was trained again")
 
     monkeypatch.setattr(train, "_train", must_not_train)
-    again = train.after_first_stage(cfg)
+    again = train.after_first_stage(cfg, environment={})
     assert again.model.init_from == str(stage / "model.keras") and again.data.input_size == 64
 
 
