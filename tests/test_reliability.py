@@ -284,11 +284,14 @@ def test_shipped_train_configs_pass_the_checks(overrides):
     ("trainer.epochs=true", "trainer.epochs=true: expected an integer >= 1"),
     ("trainer.learning_rate=0", "trainer.learning_rate=0: expected a number > 0"),
     ("trainer.deterministic=yes", "trainer.deterministic=yes: expected true or false"),
-    ("trainer.precision=float16", "expected one of float32, mixed_bfloat16, mixed_float16"),
+    ("trainer.precision=float16", "expected one of auto, float32, mixed_bfloat16, mixed_float16"),
     ("trainer.max_cases_per_split=0", "expected an integer >= 1 or null"),
     ("data.input_size=40", "data.input_size=40: expected an integer >= 32 and a multiple of 16"),
     ("model.dense_units=[8,x]", "model.dense_units=[8, 'x']: expected a list of integers >= 1"),
     ("data.empty_fraction=1.5", "expected a number >= 0 and <= 1"),
+    ("trainer.first_stage.input_size=40", "trainer.first_stage.input_size=40: expected an integer >= 32 and "
+                                          "a multiple of 16"),
+    ("trainer.first_stage.epochs=0", "trainer.first_stage.epochs=0: expected an integer >= 1"),
 ])
 def test_wrong_train_settings_are_one_line_config_errors(override, message):
     cfg = _compose("train", ["+experiment=classifier", override])
