@@ -258,8 +258,8 @@ def segment_lungs(study: io.Study, model, *, batch_size: int = 8, postprocess: b
         log.info("lung segmentation: %d of %d slices may contain lung", candidates.sum(), len(candidates))
     step = slice_step_for(float(study.spacing[0]), slice_step_mm)
     if step > 1:
-        log.info("lung segmentation: the network on every %d. slice (%.2f mm apart), interpolated "
-                 "between", step, step * float(study.spacing[0]))
+        log.info("lung segmentation: the network on 1 slice in %d (%.2f mm apart), the others "
+                 "interpolated", step, step * float(study.spacing[0]))
     mask = predict_lung_mask(study.hu, model, batch_size=batch_size, input_size=input_size,
                              slices=candidates, slice_step=step)
     if postprocess:

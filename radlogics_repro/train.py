@@ -486,6 +486,9 @@ def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
             stage_cfg.trainer[key] = stage[key]
         stage_cfg.trainer.first_stage = None
     if (stage_dir / "metrics.json").exists() and not cfg.overwrite:
+        if _settings(OmegaConf.load(stage_dir / "config.yaml")) != _settings(stage_cfg):
+            raise TrainingError(f"{stage_dir}: a finished first stage with other settings; start a new "
+                                "run (omit run_dir) or pass overwrite=true")
         log.info("first stage (%d px) already finished in %s: going on from its model",
                  stage.input_size, stage_dir)
     else:
@@ -499,11 +502,17 @@ def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
     return main_cfg
 
 
+def _settings(cfg: DictConfig) -> dict:
+    """A run's resolved settings without where it writes (``run_dir``, ``overwrite``)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in plain.items() if k not in ("run_dir", "overwrite")}
+
+
 def _train(cfg: DictConfig, environment: dict) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    config_yaml = OmegaConf.to_yaml({k: v for k, v in plain.items() if k not in ("run_dir", "overwrite")})
+    config_yaml = OmegaConf.to_yaml(_settings(cfg))
     resume = check_run_dir(run_dir, config_yaml, cfg.overwrite)
     task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
     if task not in ("lung_unet", "classifier", "pretrain"):

@@ -163,6 +163,10 @@ def test_first_stage_trains_at_its_size_then_the_run_goes_on_from_it(tiny_datase
     monkeypatch.setattr(train, "_train", must_not_train)
     again = train.after_first_stage(cfg, environment={})
     assert again.model.init_from == str(stage / "model.keras") and again.data.input_size == 64
+    longer = compose_train([*overrides[:-1], "trainer.first_stage={input_size: 32, epochs: 2, "
+                            "learning_rate: 1e-3, warmup_epochs: 0}"])
+    with pytest.raises(train.TrainingError, match="a finished first stage with other settings"):
+        train.after_first_stage(longer, environment={})
 
 
 def test_finetune_local_starts_from_a_saved_model(tiny_dataset, tiny_models, tmp_path):
