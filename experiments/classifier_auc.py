@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"holdout={HOLDOUT}:test)")
     parser.add_argument("--large-mm2", type=float, default=200.0,
                         help="lesion area (mm^2) of the 'large lesions only' AUC")
+    parser.add_argument("--slice-step-mm", type=float, default=None,
+                        help="one slice every this many mm for every run (default: each run's own), "
+                             "so that runs trained with different steps are scored on the same slices")
     parser.add_argument("--title", default="Slice classifier on held-out patients")
     parser.add_argument("--out", default="results/classifier_holdout.md")
     args = parser.parse_args(argv)
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.data or [("holdout", f"{HOLDOUT}:test")]
     datasets = [(name, *dataset_rows(spec, None)) for name, spec in specs]
     runs = [(name, read_run(path)) for name, path in args.run]
+    for _, run in runs:
+        if args.slice_step_mm is not None:
+            run["config"]["data"]["slice_step_mm"] = args.slice_step_mm
     summary = []
     for name, run in runs:
         for dataset, rows, manifest, split in datasets:
@@ -132,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"`{run['metrics']['environment']['commit']}`)" for name, run in runs) + ".", "",
         "Data: " + "; ".join(f"**{name}** `{path}` split {split} ({len(rows)} scans)"
                              for name, rows, path, split in datasets) + ".", "",
-        "Slices prepared as each run's training prepared them, cropped with the reference lung masks. "
+        ("Slices prepared as each run's training prepared them" + (
+            f", except one slice every {args.slice_step_mm:g} mm for every run" if args.slice_step_mm
+            is not None else "") + ", cropped with the reference lung masks. ") +
         "95% CI: bootstrap over patients. Operating point: the run's Youden threshold on its own "
         f"validation split. Large lesions only: normal slices against abnormal slices with >= "
         f"{args.large_mm2:g} mm^2 of reference lesion.", "",
