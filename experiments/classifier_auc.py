@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.data or [("holdout", f"{HOLDOUT}:test")]
     datasets = [(name, *dataset_rows(spec, None)) for name, spec in specs]
     runs = [(name, read_run(path)) for name, path in args.run]
-    for _, run in runs:
-        if args.slice_step_mm is not None:
+    if args.slice_step_mm is not None:  # one slice set for every run
+        for _, run in runs:
             run["config"]["data"]["slice_step_mm"] = args.slice_step_mm
     summary = []
     for name, run in runs:

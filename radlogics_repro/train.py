@@ -486,7 +486,8 @@ def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
             stage_cfg.trainer[key] = stage[key]
         stage_cfg.trainer.first_stage = None
     if (stage_dir / "metrics.json").exists() and not cfg.overwrite:
-        if _settings(OmegaConf.load(stage_dir / "config.yaml")) != _settings(stage_cfg):
+        stored = OmegaConf.to_container(OmegaConf.load(stage_dir / "config.yaml"), resolve=True)
+        if _settings(stored) != _settings(OmegaConf.to_container(stage_cfg, resolve=True)):
             raise TrainingError(f"{stage_dir}: a finished first stage with other settings; start a new "
                                 "run (omit run_dir) or pass overwrite=true")
         log.info("first stage (%d px) already finished in %s: going on from its model",
@@ -502,9 +503,9 @@ def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
     return main_cfg
 
 
-def _settings(cfg: DictConfig) -> dict:
-    """A run's resolved settings without where it writes (``run_dir``, ``overwrite``)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+def _settings(plain: dict) -> dict:
+    """A run's resolved settings (the config as plain dicts) without where it writes (``run_dir``,
+    ``overwrite``)."""
     return {k: v for k, v in plain.items() if k not in ("run_dir", "overwrite")}
 
 
@@ -512,7 +513,7 @@ def _train(cfg: DictConfig, environment: dict) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     plain = OmegaConf.to_container(cfg, resolve=True)
-    config_yaml = OmegaConf.to_yaml(_settings(cfg))
+    config_yaml = OmegaConf.to_yaml(_settings(plain))
     resume = check_run_dir(run_dir, config_yaml, cfg.overwrite)
     task, trainer, data_cfg = cfg.task, plain["trainer"], plain["data"]
     if task not in ("lung_unet", "classifier", "pretrain"):
