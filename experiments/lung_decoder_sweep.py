@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lung_dice import produced_by, refuse_existing  # noqa: E402
-from summarize_run import log_span  # noqa: E402
+from summarize_run import run_wall_minutes  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, models  # noqa: E402
 from radlogics_repro.bench import timing  # noqa: E402
@@ -67,15 +66,6 @@ def measure_decoders(decoders: list[tuple[int, ...]], repeats: int) -> pd.DataFr
     for policy in ("float32", "mixed_bfloat16"):
         table[f"slices/s {policy}"] = [timings[(d, policy)].rate(BATCH) for d in table["decoder"]]
     return table
-
-
-def run_wall_minutes(run: Path) -> float | None:
-    """Minutes between the first and last timestamps of the run's train.log."""
-    span = log_span(run)
-    if span is None:
-        return None
-    first, last = (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S") for stamp in span)
-    return (last - first).total_seconds() / 60
 
 
 def trained_rows(runs: list[Path], holdouts: list[tuple[Path, str]]) -> pd.DataFrame:

@@ -34,23 +34,41 @@ from radlogics_repro.analyze import latest_run_model  # noqa: E402
 from radlogics_repro.evaluate.plots import format_value as _fmt  # noqa: E402
 
 
-def evaluate(name: str, max_cases: int | None, lung_model: str, classifier_model: str) -> Path:
-    folder = ROOT / "results" / name
+def model_runs(lung_run: Path | None, classifier_run: Path | None) -> tuple[Path, Path]:
+    """The run folders of the two models: the ones given (relative to the checkout) or, for each
+    one not given, the newest finished run under runs/."""
+    runs = ROOT / "runs"
+    lung_dir = ROOT / lung_run if lung_run else latest_run_model(runs, "lung_unet").parent
+    classifier_dir = ROOT / classifier_run if classifier_run else latest_run_model(runs, "classifier").parent
+    return lung_dir.resolve(), classifier_dir.resolve()
+
+
+def model_file(run_dir: Path) -> str:
+    """``runs/<task>/<run>/model.keras``: how an evaluation records the model it used."""
+    return f"runs/{run_dir.parent.name}/{run_dir.name}/model.keras"
+
+
+def evaluate(folder: Path, name: str, lung_dir: Path, classifier_dir: Path, max_cases: int | None,
+             *overrides: str) -> Path:
+    """``python -m radlogics_repro.evaluate data=synthetic_holdout split=test`` into ``folder``,
+    unless an evaluation is already there; returns its metrics.json. An existing one is reused only
+    when it used the same two models (otherwise an error: pass another name or remove it)."""
     done = folder / "metrics.json"
+    lung_model, classifier_model = model_file(lung_dir), model_file(classifier_dir)
     if done.exists():
         used = json.loads(done.read_text())["models"]
         if (used["lung"], used["classifier"]) != (lung_model, classifier_model):
             raise SystemExit(f"error: {done}: evaluated other models ({used['lung']}, {used['classifier']}); "
                              "pass another --name (or remove that folder)")
-    else:
-        args = [sys.executable, "-m", "radlogics_repro.evaluate", "data=synthetic_holdout", "split=test",
-                f"name={name}", f"output_dir={folder}", f"lung_model={lung_model}",
-                f"classifier_model={classifier_model}"]
-        if max_cases:
-            args.append(f"max_cases={max_cases}")
-        print("$", " ".join(args), flush=True)
-        subprocess.run(args, cwd=ROOT, check=True)
-    return folder / "metrics.json"
+        return done
+    args = [sys.executable, "-m", "radlogics_repro.evaluate", "data=synthetic_holdout", "split=test",
+            f"name={name}", f"output_dir={folder}", f"lung_model={lung_model}",
+            f"classifier_model={classifier_model}", *overrides]
+    if max_cases:
+        args.append(f"max_cases={max_cases}")
+    print("$", " ".join(args), flush=True)
+    subprocess.run(args, cwd=ROOT, check=True)
+    return done
 
 
 def rows(evaluation: dict, classifier_run: dict, lung_run: dict, eval_file: str,
@@ -96,13 +114,8 @@ def main(argv=None) -> int:
     parser.add_argument("--classifier-run", type=Path, default=None, help="default: the newest finished one")
     args = parser.parse_args(argv)
     start = time.time()
-    runs = ROOT / "runs"
-    classifier_dir = (ROOT / args.classifier_run if args.classifier_run
-                      else latest_run_model(runs, "classifier").parent).resolve()
-    lung_dir = (ROOT / args.lung_run if args.lung_run
-                else latest_run_model(runs, "lung_unet").parent).resolve()
-    eval_file = evaluate(args.name, args.max_cases, f"runs/lung_unet/{lung_dir.name}/model.keras",
-                         f"runs/classifier/{classifier_dir.name}/model.keras")
+    lung_dir, classifier_dir = model_runs(args.lung_run, args.classifier_run)
+    eval_file = evaluate(ROOT / "results" / args.name, args.name, lung_dir, classifier_dir, args.max_cases)
     evaluation = json.loads(eval_file.read_text())
     table = rows(evaluation, json.loads((classifier_dir / "metrics.json").read_text()),
                  json.loads((lung_dir / "metrics.json").read_text()),

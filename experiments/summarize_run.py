@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,15 @@ def log_span(run_dir: Path) -> tuple[str, str] | None:
         return None
     stamps = re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", log.read_text(), flags=re.M)
     return (stamps[0], stamps[-1]) if stamps else None
+
+
+def run_wall_minutes(run: Path) -> float | None:
+    """Minutes between the first and last timestamps of the run's train.log."""
+    span = log_span(run)
+    if span is None:
+        return None
+    first, last = (datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S") for stamp in span)
+    return (last - first).total_seconds() / 60
 
 
 def summarize(run_dir: Path) -> str:

@@ -133,6 +133,11 @@ def _keras_models_dir() -> str:
     return os.path.join(home, "models")
 
 
+def cached_imagenet_file(backbone: str) -> Path:
+    """Where Keras keeps (or would download) the ImageNet weights of ``backbone`` without its top."""
+    return Path(_keras_models_dir()) / BACKBONES[backbone].imagenet_file
+
+
 def _is_download_failure(exc: Exception) -> bool:
     """True for what keras' ``get_file`` raises when it cannot fetch a file.
 
