@@ -10,10 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
+import ablations  # noqa: E402
 import analyze_speed_options  # noqa: E402
 import classifier_auc  # noqa: E402
 import lung_decoder_sweep  # noqa: E402
 import lung_dice  # noqa: E402
+import paper_tables  # noqa: E402
+import summarize_run  # noqa: E402
 
 from radlogics_repro import data  # noqa: E402
 
@@ -38,11 +41,47 @@ def test_lesion_areas_follow_case_and_slice_index(tmp_path):
 
 
 def test_run_wall_minutes_from_the_first_and_last_log_lines(tmp_path):
-    assert lung_decoder_sweep.run_wall_minutes(tmp_path) is None
+    assert summarize_run.run_wall_minutes(tmp_path) is None
     (tmp_path / "train.log").write_text(
         "[2026-11-22 22:13:16,001][__main__][INFO] - start\nno stamp here\n"
         "[2026-11-22 22:56:40,500][__main__][INFO] - done\n")
-    assert lung_decoder_sweep.run_wall_minutes(tmp_path) == pytest.approx(43.4)
+    assert summarize_run.run_wall_minutes(tmp_path) == pytest.approx(43.4)
+
+
+def test_case_threshold_sweep_counts_by_hand(tmp_path):
+    # two positive cases (ratios 0.3, 0.04) and two negative (0.12, 0.0)
+    pd.DataFrame({"label": [1, 1, 0, 0], "positive_slice_ratio": [0.3, 0.04, 0.12, 0.0]}).to_csv(
+        tmp_path / "cases.csv", index=False)
+    sweep = ablations.case_threshold_sweep(tmp_path / "cases.csv").set_index("case threshold")
+    assert sweep.loc[0.02, "sensitivity"] == 1.0 and sweep.loc[0.02, "specificity"] == 0.5
+    assert sweep.loc[0.1, "sensitivity"] == 0.5 and sweep.loc[0.1, "specificity"] == 0.5
+    assert sweep.loc[0.2, "sensitivity"] == 0.5 and sweep.loc[0.2, "specificity"] == 1.0
+    assert sweep.loc[0.5, "sensitivity"] == 0.0 and (sweep["cases"] == 4).all()
+
+
+def test_init_ablation_runs_offline_only_when_asked(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    assert not ablations.imagenet_file_cached()
+    assert not ablations.run_init_ablation("auto", cached=False)
+    assert ablations.run_init_ablation("always", cached=False)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5").write_bytes(b"x")
+    assert ablations.imagenet_file_cached()
+    assert ablations.run_init_ablation("auto", cached=True)
+    assert not ablations.run_init_ablation("never", cached=True)
+
+
+def test_an_evaluation_of_other_models_is_not_reused(tmp_path):
+    lung, classifier = tmp_path / "runs" / "lung_unet" / "L1", tmp_path / "runs" / "classifier" / "C1"
+    assert paper_tables.model_file(lung) == "runs/lung_unet/L1/model.keras"
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(
+        '{"models": {"lung": "runs/lung_unet/L1/model.keras", '
+        '"classifier": "runs/classifier/C1/model.keras"}}')
+    assert paper_tables.evaluate(folder, "eval", lung, classifier, None) == folder / "metrics.json"
+    with pytest.raises(SystemExit, match="evaluated other models"):
+        paper_tables.evaluate(folder, "eval", lung, tmp_path / "runs" / "classifier" / "C2", None)
 
 
 def test_command_line_specs_and_provenance_sentence():
@@ -63,9 +102,10 @@ def test_analyze_speed_options_writes_its_table_on_a_small_study(tiny_models, tm
         "--out", str(out)]) == 0
     text = out.read_text()
     assert "Research use only" in text and "Produced by `python experiments/analyze_speed_options.py" in text
-    for variant in ("U-Net on every slice", "U-Net on slices <= 3 mm apart", "ResNet-50 in float32",
-                    "ResNet-50 in mixed_bfloat16"):
+    for variant in ("U-Net on every slice", "U-Net on slices <= 3 mm apart", "(analyze now)", "(before)"):
         assert variant in text, variant
+    differences = [line for line in text.splitlines() if "(before)" in line]
+    assert float(differences[0].split("|")[-2]) <= 1e-3  # the two ways give the same maps
     assert analyze_speed_options.main(["--lung-model", "x", "--classifier-model", "y",
                                        "--out", str(out)]) == 2  # never overwrites a result
 
