@@ -1,4 +1,4 @@
-"""What two ways to a faster ``analyze`` buy on the benchmark study: results/analyze_speed_options.md.
+"""What ways to a faster ``analyze`` buy on the benchmark study: results/analyze_speed_options.md.
 
     python experiments/analyze_speed_options.py --lung-model runs/lung_unet/<run>/model.keras \
         --classifier-model runs/classifier/<run>/model.keras [--slice-step-mm 2.5] [--repeats 3] \
@@ -14,7 +14,11 @@ the study of ``python -m radlogics_repro.bench``) this times, in one process and
   slices in between interpolated (``analysis.lung_slice_step_mm``); the table adds the 3D Dice of
   the stepped lung mask against the every-slice one and against the phantom's true lungs;
 - the classifier's stages (probability of every lung slice; Grad-CAM fine maps of the positive
-  ones, fused engine) with the ResNet-50 in float32 and in mixed_bfloat16.
+  ones) as analyze runs them, with the maps computed from the activations the classification pass
+  kept at the lowest Grad-CAM layer, against a second whole forward+backward pass on the positives'
+  crops (how analyze did it before); the table adds the largest difference between their maps.
+  (The float32 / bfloat16 comparison of these stages was an earlier version of this script:
+  results/analyze_speed_options.md at commit 3093d66.)
 
 The stage seconds of a whole run at each setting are in results/bench.md; the Dice of the stepped
 segmentation over the held-out scans comes from ``experiments/lung_dice.py --slice-step-mm``.
@@ -26,7 +30,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lung_dice import produced_by, refuse_existing  # noqa: E402
 
-from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, models  # noqa: E402
+from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, localize  # noqa: E402
 from radlogics_repro.bench import timing  # noqa: E402
 from radlogics_repro.bench.study import make_bench_study  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
@@ -71,43 +74,60 @@ def lung_rows(study, case, lung_unet, step_mm: float, repeats: int) -> tuple[lis
     return rows, masks[None]
 
 
+def second_pass_maps(study, lung_labels, z, loaded, settings, threshold) -> tuple[np.ndarray, dict]:
+    """How analyze made the maps before: classify every lung slice (forward only), then a fused
+    Grad-CAM pass (forward and backward through the whole ResNet-50) on the positives' crops.
+    Returns the fine maps of the positives and the seconds per stage."""
+    size = int(loaded.classifier.input_shape[1])
+    seconds, fines = {"classification": 0.0, "gradcam": 0.0}, [np.zeros((0, size, size), np.float32)]
+    for start in range(0, len(z), BATCH):
+        clock = time.perf_counter()
+        crops, _ = analyze.classifier_crops(study, lung_labels, z[start:start + BATCH], loaded.classifier,
+                                            loaded.classifier_card)
+        positive = np.asarray(loaded.classifier.predict_on_batch(crops), np.float32)[:, 0] >= threshold
+        now = time.perf_counter()
+        seconds["classification"] += now - clock
+        if positive.any():
+            fines.append(localize.gradcam_maps(loaded.classifier, crops[positive],
+                                               layers=settings.gradcam_layers, batch_size=BATCH).fine)
+        seconds["gradcam"] += time.perf_counter() - now
+    return np.concatenate(fines), seconds
+
+
 def classifier_rows(study, lung_labels, loaded, repeats: int) -> list[dict]:
-    """Probability of every lung slice and fine maps of the positive slices, float32 vs bfloat16."""
+    """Probabilities of every lung slice and fine maps of the positives: as analyze runs them now
+    (maps from the activations the classification pass kept at the lowest Grad-CAM layer) against a
+    second full pass on the positives' crops (before)."""
     z = analyze.lung_slice_indices(study, lung_labels, loaded.classifier_card)
     settings = analyze.AnalysisSettings(batch_size=BATCH)
     threshold = loaded.classifier_card.get("operating_threshold") or 0.5
-    nets = {policy: models.with_compute_precision(loaded.classifier, policy)
-            for policy in ("float32", "mixed_bfloat16")}
-    positive = {}
+    stages, fines = {"from the cut": [], "second pass": []}, {}
 
-    def probabilities(policy):
-        def run():
-            probs, _ = analyze.classify_slices(study, lung_labels, z,
-                                               replace(loaded, classifier=nets[policy]), BATCH)
-            positive[policy] = z[probs >= threshold]
-        return run
+    def from_cut():
+        *_, fines["from the cut"], seconds = analyze.classify_and_map_slices(
+            study, lung_labels, z, loaded, settings, threshold)
+        stages["from the cut"].append(seconds)
 
-    def fine_maps(policy):
-        chosen = replace(loaded, classifier=nets[policy])
-        return lambda: analyze.fine_maps_of_slices(study, lung_labels, positive["float32"], chosen, settings)
+    def second_pass():
+        fines["second pass"], seconds = second_pass_maps(study, lung_labels, z, loaded, settings, threshold)
+        stages["second pass"].append(seconds)
 
-    probability_times = timing.interleaved({p: probabilities(p) for p in nets}, repeats)
-    map_times = timing.interleaved({p: fine_maps(p) for p in nets}, repeats)
-    agree = float(np.mean(np.isin(positive["mixed_bfloat16"], positive["float32"]))) if len(
-        positive["mixed_bfloat16"]) else 1.0
+    times = timing.interleaved({"from the cut": from_cut, "second pass": second_pass}, repeats)
+    differ = (float(np.abs(fines["from the cut"] - fines["second pass"]).max())
+              if len(fines["from the cut"]) else 0.0)
+    labels = {"from the cut": "Grad-CAM from the activations kept at the cut (analyze now)",
+              "second pass": "Grad-CAM by a second whole forward+backward pass (before)"}
     rows = []
-    for policy in nets:
-        rows.append({"stage": f"classification ({len(z)} lung slices)", "variant": f"ResNet-50 in {policy}",
-                     "median s": probability_times[policy].seconds,
-                     "s per repeat": probability_times[policy].all_seconds,
-                     "positive slices": str(len(positive[policy])),
-                     "cores used": f"{probability_times[policy].cpu_share:.0%}"})
-    rows[-1]["bf16 positives also f32 positives"] = f"{agree:.1%}"
-    for policy in nets:
-        rows.append({"stage": f"Grad-CAM ({len(positive['float32'])} positive slices)",
-                     "variant": f"ResNet-50 in {policy}", "median s": map_times[policy].seconds,
-                     "s per repeat": map_times[policy].all_seconds,
-                     "cores used": f"{map_times[policy].cpu_share:.0%}"})
+    for name, label in labels.items():
+        timed = stages[name][-repeats:]  # without the warm-up call
+        rows.append({"stage": f"classification + Grad-CAM ({len(z)} lung slices, "
+                              f"{len(fines[name])} positive)",
+                     "variant": label, "median s": times[name].seconds,
+                     "s per repeat": times[name].all_seconds,
+                     "of which classification s": float(np.median([t["classification"] for t in timed])),
+                     "of which Grad-CAM s": float(np.median([t["gradcam"] for t in timed])),
+                     "cores used": f"{times[name].cpu_share:.0%}",
+                     "max abs fine-map difference": f"{differ:.1e}"})
     return rows
 
 
@@ -119,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300, help="study size (the benchmark's: 300 x 512)")
     parser.add_argument("--in-plane", type=int, default=512)
+    parser.add_argument("--sections", nargs="+", choices=("lung", "classifier"),
+                        default=["lung", "classifier"])
     parser.add_argument("--out", default="results/analyze_speed_options.md")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -129,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder:
         bench_study = make_bench_study(Path(folder), args.slices, args.in_plane)
     study, case = bench_study.study, bench_study.case
-    rows, lung_labels = lung_rows(study, case, loaded.lung_unet, args.slice_step_mm, args.repeats)
-    rows += classifier_rows(study, lung_labels, loaded, args.repeats)
+    if "lung" in args.sections:
+        rows, lung_labels = lung_rows(study, case, loaded.lung_unet, args.slice_step_mm, args.repeats)
+    else:  # the segmentation the classifier stages need, untimed
+        rows, lung_labels = [], segment_lungs(study, loaded.lung_unet, batch_size=BATCH, label_sides=True,
+                                              input_size=int(loaded.lung_unet.input_shape[1]))
+    if "classifier" in args.sections:
+        rows += classifier_rows(study, lung_labels, loaded, args.repeats)
     table = pd.DataFrame(rows)
     table["s per repeat"] = table["s per repeat"].map(lambda v: ", ".join(f"{s:.1f}" for s in v))
     lines = [
@@ -139,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Models: lung U-Net `{args.lung_model}` (run at {loaded.precision}), classifier "
         f"`{args.classifier_model}`.", "",
         f"Study: {bench_study.describe()}. Variants timed alternately in this one process, median of "
-        f"{args.repeats} rounds after a warm-up; batch {BATCH}. Grad-CAM: the fused engine on the "
-        "float32 model's positive slices for both precisions.", "",
+        f"{args.repeats} rounds after a warm-up; batch {BATCH}; both networks at {loaded.precision}.", "",
         frame_markdown(table.astype(object).fillna("-")), ""]
     atomic.write_text(out, "\n".join(lines))
     print("\n".join(lines))

@@ -17,7 +17,8 @@ Steps of :func:`analyze_study` (METHOD.md sections 4-6):
 2. for every lung slice, the classifier's input (square lung crop, as in training) and its
    probability (forward passes only); a slice is positive when its probability reaches the
    classifier's stored operating threshold (``slice_threshold`` overrides); the Grad-CAM fine maps
-   (one fused forward/backward pass per batch) are computed for the positive slices only;
+   are computed for the positive slices only, from the activations the classification pass kept at
+   the lowest Grad-CAM layer (:func:`classify_and_map_slices`);
 3. case decision: positive slices / lung slices >= ``case_threshold`` (stored with the classifier,
    tuned on validation cases; the config may override) -> "suspected COVID-19";
 4. fine maps of the positive slices are mapped back into the slices' own pixels; the Corona Score is
@@ -217,34 +218,51 @@ def classifier_crops(study: io.Study, lung_labels: np.ndarray, z: np.ndarray, mo
     return np.repeat(crops[..., None], 3, axis=-1), boxes
 
 
-def classify_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndarray, models: AnalysisModels,
-                    batch_size: int) -> tuple[np.ndarray, list]:
-    """Classifier probability of slices ``z`` (forward passes only): float32 ``(n,)`` and n boxes."""
-    probabilities, boxes = [np.zeros(0, np.float32)], []
-    for start in range(0, len(z), batch_size):
-        crops, chunk_boxes = classifier_crops(study, lung_labels, z[start:start + batch_size],
-                                              models.classifier, models.classifier_card)
-        probabilities.append(np.asarray(models.classifier.predict_on_batch(crops), np.float32)[:, 0])
-        boxes.extend(chunk_boxes)
-    return np.concatenate(probabilities), boxes
+def classify_and_map_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndarray,
+                            models: AnalysisModels, settings: AnalysisSettings, slice_threshold: float
+                            ) -> tuple[np.ndarray, list, np.ndarray, dict[str, float]]:
+    """Classifier probability of every slice in ``z`` and Grad-CAM fine maps of the positive ones
+    (probability >= ``slice_threshold``), batch by batch.
 
+    Only the positive slices need a map (METHOD.md section 4). With the ``fused`` engine each batch
+    goes once through the classifier, which keeps the activation at the lowest Grad-CAM layer; the
+    positives' maps then come from the network above that layer alone
+    (:func:`radlogics_repro.localize.gradcam_maps_from_cut`). The ``tf-keras-vis`` engine runs its
+    own passes on the positives' crops.
 
-def fine_maps_of_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndarray, models: AnalysisModels,
-                        settings: AnalysisSettings) -> np.ndarray:
-    """Grad-CAM fine maps on the crops of slices ``z``: float32 ``(n, S, S)`` in [0, 1].
-
-    Only the positive slices need a map (METHOD.md section 4), so Grad-CAM's forward and backward
-    pass runs on those alone, after one cheap forward pass has classified every lung slice.
+    Returns:
+        float32 ``(n,)`` probabilities, the n crop boxes (slice pixels), float32
+        ``(n_positive, S, S)`` fine maps in [0, 1] (the positives in ``z`` order), and the seconds
+        spent ``{"classification": ..., "gradcam": ...}``.
     """
     size = int(models.classifier.input_shape[1])
-    maps = [np.zeros((0, size, size), np.float32)]
+    probabilities, boxes, maps = [np.zeros(0, np.float32)], [], [np.zeros((0, size, size), np.float32)]
+    seconds = {"classification": 0.0, "gradcam": 0.0}
+    fused = settings.engine == "fused"
     for start in range(0, len(z), settings.batch_size):
-        crops, _ = classifier_crops(study, lung_labels, z[start:start + settings.batch_size],
-                                    models.classifier, models.classifier_card)
-        result = localize.gradcam_maps(models.classifier, crops, layers=settings.gradcam_layers,
-                                       engine=settings.engine, batch_size=settings.batch_size)
-        maps.append(result.fine.astype(np.float32))
-    return np.concatenate(maps)
+        clock = time.perf_counter()
+        crops, chunk_boxes = classifier_crops(study, lung_labels, z[start:start + settings.batch_size],
+                                              models.classifier, models.classifier_card)
+        if fused:
+            chunk_p, cut = localize.classify_keeping_cut(models.classifier, crops, settings.gradcam_layers)
+        else:
+            chunk_p = np.asarray(models.classifier.predict_on_batch(crops), np.float32)[:, 0]
+        positive = chunk_p >= slice_threshold
+        probabilities.append(chunk_p)
+        boxes.extend(chunk_boxes)
+        now = time.perf_counter()
+        seconds["classification"] += now - clock
+        if positive.any():
+            if fused:
+                result = localize.gradcam_maps_from_cut(models.classifier, cut, (size, size),
+                                                        settings.gradcam_layers, rows=positive)
+            else:
+                result = localize.gradcam_maps(models.classifier, crops[positive],
+                                               layers=settings.gradcam_layers, engine=settings.engine,
+                                               batch_size=settings.batch_size)
+            maps.append(result.fine.astype(np.float32))
+        seconds["gradcam"] += time.perf_counter() - now
+    return np.concatenate(probabilities), boxes, np.concatenate(maps), seconds
 
 
 def corona_score_cm3(fine_map: np.ndarray, positive: np.ndarray, spacing_mm: Sequence[float]) -> float:
@@ -275,7 +293,9 @@ def infection_labels_from_map(fine_map: np.ndarray, hu: np.ndarray, lung: np.nda
     2 consolidation.
 
     Runs in slabs of ``chunk`` slices, each read with the blur's reach of context slices on both
-    sides, so every work array covers one slab; the result equals the whole-volume computation.
+    sides, and in-plane on the lung's bounding box grown by the blur's reach (outside it the seed
+    is 0, so the blur there is 0 too), so every work array covers one slab of the lung box; the
+    result equals the whole-volume computation.
     """
     labels = np.zeros(hu.shape, np.uint8)
     positive = np.flatnonzero(np.asarray(fine_map).reshape(fine_map.shape[0], -1)
@@ -283,17 +303,23 @@ def infection_labels_from_map(fine_map: np.ndarray, hu: np.ndarray, lung: np.nda
     if not len(positive):
         return labels
     sigma = [settings.blur_sigma_mm / float(s) for s in spacing_mm]
-    reach = int(np.ceil(4 * sigma[0])) + 1                  # the Gaussian's truncation, in slices
+    reach = [int(np.ceil(4 * s)) + 1 for s in sigma]       # the Gaussian's truncation, in voxels
     ggo_lo, ggo_hi = settings.ggo_hu
     con_lo, con_hi = settings.consolidation_hu
-    first, last = max(0, positive[0] - reach), min(hu.shape[0], positive[-1] + 1 + reach)
+    first, last = max(0, positive[0] - reach[0]), min(hu.shape[0], positive[-1] + 1 + reach[0])
+    in_plane = np.asarray(lung[first:last]).any(axis=0)
+    if not in_plane.any():
+        return labels
+    rows, cols = np.flatnonzero(in_plane.any(axis=1)), np.flatnonzero(in_plane.any(axis=0))
+    ys = slice(max(0, rows[0] - reach[1]), min(hu.shape[1], rows[-1] + 1 + reach[1]))
+    xs = slice(max(0, cols[0] - reach[2]), min(hu.shape[2], cols[-1] + 1 + reach[2]))
     for start in range(first, last, chunk):
         stop = min(start + chunk, last)
-        lo, hi = max(0, start - reach), min(hu.shape[0], stop + reach)
-        seed = (fine_map[lo:hi] >= settings.map_threshold) & lung[lo:hi]
+        lo, hi = max(0, start - reach[0]), min(hu.shape[0], stop + reach[0])
+        seed = (fine_map[lo:hi, ys, xs] >= settings.map_threshold) & lung[lo:hi, ys, xs]
         blurred = ndimage.gaussian_filter(seed.astype(np.float32), sigma=sigma, truncate=4.0)
-        region = (blurred[start - lo:stop - lo] >= 0.5) & lung[start:stop]
-        slab_hu, slab = hu[start:stop], labels[start:stop]
+        region = (blurred[start - lo:stop - lo] >= 0.5) & lung[start:stop, ys, xs]
+        slab_hu, slab = hu[start:stop, ys, xs], labels[start:stop, ys, xs]
         slab[region & (slab_hu >= ggo_lo) & (slab_hu < ggo_hi)] = 1
         slab[region & (slab_hu >= con_lo) & (slab_hu <= con_hi)] = 2
     return labels
@@ -327,15 +353,14 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
 
     card = models.classifier_card
     z = lung_slice_indices(study, lung_labels, card)
-    probabilities, boxes = classify_slices(study, lung_labels, z, models, settings.batch_size)
-    lap("classification")
-
     slice_threshold = _first(settings.slice_threshold, card.get("operating_threshold"), 0.5)
     case_threshold = _first(settings.case_threshold, card.get("case_threshold"),
                             settings.default_case_threshold)
+    probabilities, boxes, crop_maps, seconds = classify_and_map_slices(
+        study, lung_labels, z, models, settings, slice_threshold)
     positive_lung = probabilities >= slice_threshold
-    crop_maps = fine_maps_of_slices(study, lung_labels, z[positive_lung], models, settings)
-    lap("gradcam")
+    timings.update({name: round(value, 3) for name, value in seconds.items()})
+    clock = time.perf_counter()
 
     height, width = study.hu.shape[1:]
     fine_map = np.zeros(study.hu.shape, np.float16)   # [0, 1]; half the memory of float32

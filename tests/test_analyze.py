@@ -234,12 +234,14 @@ def test_models_run_at_a_chosen_precision(tiny_models, dicom_case):
                                      precision="int8")
 
 
-def test_slab_wise_infection_mask_equals_the_whole_volume_computation():
+@pytest.mark.parametrize("lung_box", [(slice(None), slice(None)), (slice(9, 30), slice(3, 27))])
+def test_slab_wise_infection_mask_equals_the_whole_volume_computation(lung_box):
     rng = np.random.default_rng(3)
-    shape = (70, 24, 24)
+    shape = (70, 40, 36)
     fine_map = (rng.random(shape) * 0.6).astype(np.float16)
-    fine_map[20:50, 4:18, 6:20] = 0.9                      # a lesion across several slabs
-    lung = rng.random(shape) > 0.05
+    fine_map[20:50, 8:30, 6:20] = 0.9                      # a lesion across several slabs
+    lung = np.zeros(shape, bool)                           # everywhere, or inside an in-plane box
+    lung[:, lung_box[0], lung_box[1]] = rng.random(shape)[:, lung_box[0], lung_box[1]] > 0.05
     hu = rng.uniform(-1000, 200, shape).astype(np.float32)
     spacing = (2.5, 1.0, 1.0)
     settings = analyze.AnalysisSettings()

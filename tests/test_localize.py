@@ -14,9 +14,12 @@ import tensorflow as tf
 from radlogics_repro.localize import (
     GradcamError,
     _fused_function,  # the cached compiled function
+    classify_keeping_cut,
+    cut_layer,
     fine_map_in_slice,
     fuse_maps,
     gradcam_maps,
+    gradcam_maps_from_cut,
     normalize_maps,
 )
 from radlogics_repro.models import GRADCAM_LAYERS, build_slice_classifier
@@ -209,3 +212,34 @@ def test_crop_then_paste_round_trip():
 def test_fine_map_in_slice_rejects_a_batch():
     with pytest.raises(GradcamError, match="one"):
         fine_map_in_slice(np.zeros((2, 224, 224)), Box(0, 224, 0, 224), 224, 224)
+
+
+# ------------------------------------------------------------------------------------------------
+# classify first, Grad-CAM the positives from the cut
+# ------------------------------------------------------------------------------------------------
+def test_the_cut_is_the_lowest_gradcam_layer(classifier):
+    assert cut_layer(classifier) == L28
+    assert cut_layer(classifier, (L14,)) == L14
+
+
+def test_maps_from_the_cut_equal_the_fused_engine(classifier, images, fused):
+    probabilities, cut = classify_keeping_cut(classifier, images)
+    assert cut.shape == (2, 28, 28, 512)
+    np.testing.assert_allclose(probabilities, fused.probabilities, atol=1e-5)
+    np.testing.assert_allclose(probabilities, classifier.predict_on_batch(images)[:, 0], atol=1e-5)
+    from_cut = gradcam_maps_from_cut(classifier, cut, (224, 224))
+    for name in GRADCAM_LAYERS:
+        np.testing.assert_allclose(from_cut.normalized[name], fused.normalized[name], atol=1e-3)
+    np.testing.assert_allclose(from_cut.fine, fused.fine, atol=1e-3)
+    # a subset of the batch (the positives) gives that subset's maps
+    second = gradcam_maps_from_cut(classifier, cut, (224, 224), rows=np.array([False, True]))
+    np.testing.assert_allclose(second.fine[0], fused.fine[1], atol=1e-3)
+    empty = gradcam_maps_from_cut(classifier, cut[:0], (224, 224))
+    assert empty.fine.shape == (0, 224, 224) and empty.raw[L14].shape == (0, 14, 14)
+
+
+def test_single_layer_from_the_cut(classifier, images, fused):
+    _, cut = classify_keeping_cut(classifier, images, layers=(L14,))
+    assert cut.shape == (2, 14, 14, 1024)
+    one = gradcam_maps_from_cut(classifier, cut, (224, 224), layers=(L14,))
+    np.testing.assert_allclose(one.normalized[L14], fused.normalized[L14], atol=1e-3)
