@@ -4,7 +4,8 @@
         --classifier-model P --out-dir DIR --json RESULT.json
 
 Loads both models (timed apart: not part of a study's time), reads the study (``io.load_study``),
-runs :func:`radlogics_repro.analyze.analyze_study` with default settings and writes every output
+runs :func:`radlogics_repro.analyze.analyze_study` with analyze's default settings (precision
+included) and writes every output
 (:func:`~radlogics_repro.analyze.write_study_outputs`). Writes the seconds per stage, the total
 from reading the study to written outputs, and this process's own peak resident memory
 (:func:`radlogics_repro.bench.timing.own_peak_rss_bytes`) as JSON.
@@ -24,14 +25,14 @@ def analyze_one(input_path: str, lung_model: str, classifier_model: str, out_dir
     from radlogics_repro import analyze, io
     from radlogics_repro.bench.timing import own_peak_rss_bytes
 
+    settings = analyze.AnalysisSettings()  # analyze's defaults, precision included
     start = time.perf_counter()
-    loaded = analyze.load_analysis_models(lung_model, classifier_model)
+    loaded = analyze.load_analysis_models(lung_model, classifier_model, precision=settings.precision)
     models_s = time.perf_counter() - start
 
     start = time.perf_counter()
     study = io.load_study(input_path)
     load_s = time.perf_counter() - start
-    settings = analyze.AnalysisSettings()
     start = time.perf_counter()
     report = analyze.analyze_study(study, loaded, settings, case_id="bench")
     analysis_s = time.perf_counter() - start
