@@ -175,6 +175,24 @@ def test_classification_dataset_weights_and_shapes():
     np.testing.assert_array_equal(images.numpy()[..., 0], images.numpy()[..., 2])
 
 
+def test_augmenting_one_channel_equals_augmenting_the_three():
+    """The pipelines augment the single grey channel, then repeat it: the same images (bit for bit)
+    as augmenting the three equal channels the networks take."""
+    rng = np.random.default_rng(4)
+    image = tf.constant(rng.random((32, 32)).astype(np.float16))
+    mask = tf.constant((rng.random((32, 32)) > 0.5).astype(np.float32)[..., None])
+    seed = tf.constant([3, 9], tf.int32)
+    three = tf.repeat(tf.cast(image, tf.float32)[..., None], 3, axis=-1)
+    classify = augment.classification_augmenter(rotate=True, flip=True, crop=True)
+    one = data._three_channels(classify(data._one_channel(image), seed))
+    np.testing.assert_array_equal(one.numpy(), classify(three, seed).numpy())
+    segment = augment.segmentation_augmenter(crop=True, flip=True, noise=True)
+    one_image, one_mask = segment(data._one_channel(image), mask, seed)
+    ref_image, ref_mask = segment(three, mask, seed)
+    np.testing.assert_array_equal(data._three_channels(one_image).numpy(), ref_image.numpy())
+    np.testing.assert_array_equal(one_mask.numpy(), ref_mask.numpy())
+
+
 def test_slice_cache_round_trip(tmp_path):
     calls = []
 
