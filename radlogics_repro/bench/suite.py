@@ -81,8 +81,8 @@ class BenchSettings:
     train_tasks: tuple[str, ...] = TASKS
     train_batch: int | None = None
     pipeline_tasks: tuple[str, ...] = ("classifier", "lung_unet")
-    pipeline_steps: int = 3
-    pipeline_repeats: int = 2
+    pipeline_steps: int = 4      # per fit call; each call starts the pipeline's iterator anew
+    pipeline_repeats: int = 3
     gradcam_batch: int = 8
     study_slices: int = 300
     study_in_plane: int = 512
