@@ -3,7 +3,7 @@
 A model remembers the dtype policy it was trained with (``float32``, ``mixed_bfloat16``, ...).
 :func:`with_compute_precision` rebuilds it layer by layer under another policy and copies the
 weights (variables stay float32 under the mixed policies), so a float32-trained model can run in
-bfloat16 on a CPU with AVX-512 BF16 (about 2x faster here, see results/bench.md) and a
+bfloat16 on a CPU with AVX-512 BF16 (1.4x to 1.7x faster at inference here, results/bench.md) and a
 bfloat16-trained one in float32 on hardware without bfloat16. The model's output layers keep
 float32, as the builders make them, so probabilities and masks stay float32.
 
@@ -35,7 +35,7 @@ def cpu_has_bfloat16() -> bool:
 def resolve_precision(choice: str) -> str:
     """An analysis ``precision`` choice -> ``model`` or a Keras policy name.
 
-    ``auto``: ``mixed_bfloat16`` on a CPU-only machine whose CPU has native bfloat16 (about 2x the
+    ``auto``: ``mixed_bfloat16`` on a CPU-only machine whose CPU has native bfloat16 (1.4x to 1.7x the
     float32 speed there; lung masks agree with float32 to Dice ~0.99, see results/bench_analyze.md),
     otherwise ``model`` (each network as it was trained).
     """
