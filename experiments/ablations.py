@@ -216,6 +216,12 @@ def main(argv=None) -> int:
                          "absent, so both arms "
                          "would start from random weights). Self-supervised pre-training against "
                          "random init: results/pretraining.md.")
+        notes.append(f"Training-time budget: `trainer={args.budget}` with "
+                     f"{', '.join(f'`{o}`' for o in CLASSIFIER_BUDGET)} (classifier) and "
+                     f"{', '.join(f'`{o}`' for o in UNET_BUDGET)} (U-Net); one run (one seed) per row, "
+                     "so a difference smaller than the epoch-to-epoch swings in a run's history.csv "
+                     "is not a finding. Runs finished by an earlier call are reused: their own "
+                     "minutes are in the tables.")
         tables.update(training_ablations(args.budget, args.train_override, init_ablation))
     command = "python experiments/ablations.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = markdown(tables, command.strip(), time.time() - start, notes)

@@ -59,7 +59,7 @@ def evaluate(folder: Path, name: str, lung_dir: Path, classifier_dir: Path, max_
         used = json.loads(done.read_text())["models"]
         if (used["lung"], used["classifier"]) != (lung_model, classifier_model):
             raise SystemExit(f"error: {done}: evaluated other models ({used['lung']}, {used['classifier']}); "
-                             "pass another --name (or remove that folder)")
+                             "remove that folder, or write the evaluation elsewhere (paper_tables.py --name)")
         return done
     args = [sys.executable, "-m", "radlogics_repro.evaluate", "data=synthetic_holdout", "split=test",
             f"name={name}", f"output_dir={folder}", f"lung_model={lung_model}",
