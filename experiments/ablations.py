@@ -63,8 +63,12 @@ CLASSIFIER_BUDGET = ("data.input_size=112", "trainer.max_cases_per_split=36")
 UNET_BUDGET = ("trainer.max_cases_per_split=6",)
 
 
+LAUNCHED: list[list[str]] = []  # what this call ran (the rest was reused)
+
+
 def _run(args: list[str]) -> None:
     print("$", " ".join(args), flush=True)
+    LAUNCHED.append(args)
     subprocess.run(args, cwd=ROOT, check=True)
 
 
@@ -79,6 +83,8 @@ def gradcam_ablation(lung_dir: Path, classifier_dir: Path, holdout_cases: int) -
     rows = []
     for label, layers in GRADCAM_VARIANTS.items():
         name = "gradcam_" + "_".join(part.split("_")[0] for part in layers.strip("[]").split(","))
+        if not (OUT / name / "metrics.json").exists():
+            LAUNCHED.append([name])
         done = paper_tables.evaluate(OUT / name, name, lung_dir, classifier_dir, holdout_cases,
                                      f"analysis.gradcam_layers={layers}", "n_boot=200")
         metrics = json.loads(done.read_text())["metrics"]
@@ -176,7 +182,8 @@ def markdown(tables: dict[str, pd.DataFrame], command: str, seconds: float, note
     lines = [
         "# Ablations", "", f"**{RESEARCH_USE_NOTICE}**", "",
         f"Command: `{command}`  ",
-        f"Commit {env['commit']}; {env['date']}; {env['machine']}; wall time {seconds / 60:.1f} min.",
+        f"Commit {env['commit']}; {env['date']}; {env['machine']}; wall time {seconds / 60:.1f} min "
+        f"({len(LAUNCHED)} evaluations or multiruns launched by this call, the others reused).",
         "Data: synthetic phantoms only (training: the experiments' own data; analysis-time ablations: "
         "the held-out patients of `data=synthetic_holdout`).", "", *notes, "",
     ]
