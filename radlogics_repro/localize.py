@@ -153,17 +153,17 @@ def gradcam_maps(
 
     raw_maps = {name: _concat(raw[name], n, model.get_layer(name).output.shape[1:3])
                 for name in layers}
-    normalized = {name: normalize_maps(m) for name, m in raw_maps.items()}
-    fine = fuse_maps([normalized[name] for name in layers], (height, width))
     probs = np.concatenate(probabilities) if probabilities else np.zeros((0,), np.float32)
-    return GradcamResult(
-        probabilities=probs.astype(np.float32),
-        raw=raw_maps,
-        normalized=normalized,
-        fine=fine,
-        layers=layers,
-        engine=engine,
-    )
+    return _result(probs, raw_maps, layers, (height, width), engine)
+
+
+def _result(probabilities: np.ndarray, raw: dict[str, np.ndarray], layers: tuple[str, ...],
+            size: tuple[int, int], engine: str) -> GradcamResult:
+    """The shared tail of both ways to Grad-CAM: raw maps -> normalized -> fused fine map."""
+    normalized = {name: normalize_maps(m) for name, m in raw.items()}
+    fine = fuse_maps([normalized[name] for name in layers], size)
+    return GradcamResult(probabilities=probabilities.astype(np.float32), raw=raw,
+                         normalized=normalized, fine=fine, layers=layers, engine=engine)
 
 
 def normalize_maps(maps) -> np.ndarray:
@@ -382,18 +382,14 @@ def gradcam_maps_from_cut(model: keras.Model, cut_activations, size: tuple[int, 
         rows = np.asarray(rows)
         cut_activations = tf.gather(cut_activations, np.flatnonzero(rows) if rows.dtype == bool else rows)
     n = int(cut_activations.shape[0])
+    probabilities, parts = np.zeros((0,), np.float32), {name: [] for name in layers}
     if n:
         score, maps = upper(tf.convert_to_tensor(cut_activations))
-        probabilities, maps = score.numpy(), [m.numpy() for m in maps]
-    else:
-        probabilities = np.zeros((0,), np.float32)
-        maps = [np.zeros((0, *(int(v) for v in model.get_layer(name).output.shape[1:3])), np.float32)
-                for name in layers]
-    raw = {name: m.astype(np.float32) for name, m in zip(layers, maps, strict=True)}
-    normalized = {name: normalize_maps(m) for name, m in raw.items()}
-    fine = fuse_maps([normalized[name] for name in layers], tuple(size))
-    return GradcamResult(probabilities=probabilities.astype(np.float32), raw=raw,
-                         normalized=normalized, fine=fine, layers=layers, engine="fused")
+        probabilities = score.numpy()
+        for name, m in zip(layers, maps, strict=True):
+            parts[name].append(m.numpy())
+    raw = {name: _concat(parts[name], n, model.get_layer(name).output.shape[1:3]) for name in layers}
+    return _result(probabilities, raw, layers, tuple(size), "fused")
 
 
 def _split_functions(model: keras.Model, layers: tuple[str, ...]):
