@@ -8,7 +8,8 @@ a per-example ``seed`` (shape (2,) int), so a pipeline with a fixed seed is repe
 Paper settings (METHOD.md):
 * lung U-Net: random crop, horizontal flip, Gaussian noise inside the lung only
   (``noise_scale * N(mean, std)`` with scale 0.1, mean 0, std 0.8 on the [0, 1] image);
-* classifier: rotation, horizontal flip, random crop.
+* classifier: rotation, horizontal flip, random crop; optionally (not in the paper) correlated
+  scanner noise of another scanner's level (:func:`scanner_noise`).
 """
 
 from __future__ import annotations
@@ -145,18 +146,76 @@ def segmentation_augmenter(*, crop: bool, flip: bool, noise: bool, crop_min_scal
     return augment
 
 
+def _gaussian_kernel_1d(sigma_px: float) -> tf.Tensor:
+    """A normalized 1D Gaussian (sum 1), truncated at 3 sigma; ``[1.0]`` for sigma 0."""
+    radius = int(math.ceil(3.0 * sigma_px))
+    if radius == 0:
+        return tf.constant([1.0], tf.float32)
+    x = tf.range(-radius, radius + 1, dtype=tf.float32)
+    kernel = tf.exp(-0.5 * tf.square(x / sigma_px))
+    return kernel / tf.reduce_sum(kernel)
+
+
+def correlated_noise(shape, *, seed, sigma_px: float) -> tf.Tensor:
+    """Unit-variance Gaussian noise ``(H, W)`` whose pixels are correlated like CT noise: white noise
+    blurred by a Gaussian of ``sigma_px`` pixels (as a reconstruction kernel does), then rescaled
+    so that its standard deviation is 1 again (away from the borders, which are zero-padded)."""
+    kernel = _gaussian_kernel_1d(sigma_px)
+    white = tf.random.stateless_normal(shape, seed)
+    rows = tf.reshape(kernel, (-1, 1, 1, 1))
+    cols = tf.reshape(kernel, (1, -1, 1, 1))
+    blurred = tf.nn.conv2d(white[tf.newaxis, ..., tf.newaxis], rows, 1, "SAME")
+    blurred = tf.nn.conv2d(blurred, cols, 1, "SAME")[0, ..., 0]
+    # The 2D kernel is the outer product of the 1D one: sum of its squares = (sum k^2)^2.
+    return blurred / tf.reduce_sum(tf.square(kernel))
+
+
+def scanner_noise(image, *, seed, noise_hu: tuple[float, float] = (0.0, 120.0),
+                  window_width_hu: float = 1000.0, sigma_px: float = 1.0,
+                  probability: float = 0.5):
+    """With ``probability``, add correlated Gaussian noise of a standard deviation drawn from
+    ``noise_hu`` (HU) to the whole image, then clip to [0, 1]; otherwise return ``image`` unchanged.
+
+    Scans from other scanners (sharper kernels, lower dose) are noisier than the training scans:
+    the synthetic site of data/README.md has 90-130 HU against the default's 10-40 HU. Training on
+    noisier copies teaches the classifier lesions that noise does not hide.
+
+    Args:
+        image: ``(H, W, C)`` float32 in [0, 1], a CT window ``window_width_hu`` wide (the
+            classifier's [-1000, 0] HU window: 1000), so ``noise_hu / window_width_hu`` is the
+            standard deviation on the [0, 1] scale, at the network's input resolution.
+        seed: ``(2,)`` int32 stateless seed (the coin, the level and the noise follow from it).
+        noise_hu: (low, high) HU range of the standard deviation.
+        sigma_px: correlation of the noise, Gaussian sigma in pixels (0: white noise).
+        probability: chance that this image gets noise, in [0, 1].
+    """
+    s_coin, s_level, s_noise = _seeds(seed, 3)
+    level = tf.random.stateless_uniform((), s_level, float(noise_hu[0]), float(noise_hu[1]) + 1e-9)
+    apply = tf.cast(tf.random.stateless_uniform((), s_coin) < probability, tf.float32)
+    noise = correlated_noise(tf.shape(image)[:2], seed=s_noise, sigma_px=sigma_px)
+    noise = noise * (apply * level / float(window_width_hu))
+    return tf.clip_by_value(image + noise[..., tf.newaxis], 0.0, 1.0)
+
+
 def classification_augmenter(*, rotate: bool, flip: bool, crop: bool, max_degrees: float = 15.0,
-                             crop_min_scale: float = 0.85):
-    """An ``(image, seed) -> image`` function for the slice classifier pipeline."""
+                             crop_min_scale: float = 0.85, noise: bool = False,
+                             noise_hu: tuple[float, float] = (0.0, 120.0),
+                             noise_sigma_px: float = 1.0, noise_probability: float = 0.5):
+    """An ``(image, seed) -> image`` function for the slice classifier pipeline; ``noise`` adds
+    :func:`scanner_noise` after the geometric transforms."""
 
     def augment(image, seed):
-        s_rot, s_flip, s_crop = _seeds(seed, 3)
+        s_rot, s_flip, s_crop = _seeds(seed, 3)   # as before the noise option: same images
         if rotate:
             image = random_rotation(image, seed=s_rot, max_degrees=max_degrees)
         if flip:
             image = random_flip(image, seed=s_flip)
         if crop:
             image = random_crop(image, seed=s_crop, min_scale=crop_min_scale)
+        if noise:
+            s_noise = tf.random.experimental.stateless_fold_in(seed, 1)
+            image = scanner_noise(image, seed=s_noise, noise_hu=noise_hu, sigma_px=noise_sigma_px,
+                                  probability=noise_probability)
         return image
 
     return augment

@@ -261,6 +261,10 @@ TRAIN_CONFIG_RULES: dict[str, Check] = {
     "model.projection_units": integers(1),
     "data.max_slices_per_source": integer(1, optional=True),
     "augment.noise_probability": number(0, 1),
+    "augment.scanner_noise": boolean(),
+    "augment.scanner_noise_hu": interval(),
+    "augment.scanner_noise_sigma_px": number(0),
+    "augment.scanner_noise_probability": number(0, 1),
 }
 """Settings of ``python -m radlogics_repro.train`` checked before a run folder is touched."""
 

@@ -187,7 +187,10 @@ def make_augmenter(task: str, aug: dict):
             noise_probability=aug.get("noise_probability", 1.0))
     return augment.classification_augmenter(
         rotate=aug["rotate"], flip=aug["flip"], crop=aug["crop"], max_degrees=aug["max_degrees"],
-        crop_min_scale=aug["crop_min_scale"])
+        crop_min_scale=aug["crop_min_scale"], noise=aug.get("scanner_noise", False),
+        noise_hu=tuple(aug.get("scanner_noise_hu", (0.0, 120.0))),
+        noise_sigma_px=aug.get("scanner_noise_sigma_px", 1.0),
+        noise_probability=aug.get("scanner_noise_probability", 0.5))
 
 
 # =============================================================================================

@@ -191,6 +191,38 @@ def test_segmentation_augmenter_noise_lands_inside_the_returned_mask():
     assert np.all(out_mask.numpy()[..., 0][changed] > 0)
 
 
+@pytest.mark.parametrize("sigma_px, lag1_correlation", [(0.0, 0.0), (1.0, np.exp(-0.25))])
+def test_scanner_noise_has_the_drawn_hu_level_and_the_kernel_correlation(sigma_px, lag1_correlation):
+    """100 HU on the 1000 HU wide window is 0.1 on the [0, 1] scale; Gaussian-blurred white noise of
+    sigma s has lag-1 correlation exp(-1 / (4 s^2))."""
+    image = np.full((160, 160, 1), 0.5, np.float32)
+    noisy = augment.scanner_noise(tf.constant(image), seed=tf.constant([7, 8]), noise_hu=(100.0, 100.0),
+                                  sigma_px=sigma_px, probability=1.0).numpy()
+    diff = (noisy - image)[8:-8, 8:-8, 0]                      # away from the zero-padded border
+    assert diff.std() == pytest.approx(0.1, rel=0.08)
+    lag1 = np.corrcoef(diff[:, :-1].ravel(), diff[:, 1:].ravel())[0, 1]
+    assert lag1 == pytest.approx(lag1_correlation, abs=0.06)
+    again = augment.scanner_noise(tf.constant(image), seed=tf.constant([7, 8]), noise_hu=(100.0, 100.0),
+                                  sigma_px=sigma_px, probability=1.0).numpy()
+    np.testing.assert_array_equal(noisy, again)
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0
+
+
+def test_classifier_scanner_noise_leaves_the_other_augmentations_unchanged():
+    """Switching the noise on must not change the geometric draws (same seed, same crop): with
+    probability 0 the images equal those of the augmenter without noise, bit for bit."""
+    image, _ = _image_and_mask()
+    image_t, seed = tf.constant(image), tf.constant([11, 12])
+    plain = augment.classification_augmenter(rotate=True, flip=True, crop=True)(image_t, seed).numpy()
+    never = augment.classification_augmenter(rotate=True, flip=True, crop=True, noise=True,
+                                              noise_probability=0.0)(image_t, seed).numpy()
+    always = augment.classification_augmenter(rotate=True, flip=True, crop=True, noise=True,
+                                               noise_hu=(80.0, 80.0), noise_probability=1.0)(image_t, seed)
+    np.testing.assert_array_equal(never, plain)
+    inside = (plain > 0.2) & (plain < 0.8)                    # where clipping does not cut the noise
+    assert (always.numpy() - plain)[inside].std() == pytest.approx(0.08, rel=0.15)
+
+
 def test_rotation_by_zero_range_is_identity_and_rotation_moves_pixels():
     image, _ = _image_and_mask()
     same = augment.random_rotation(tf.constant(image), seed=tf.constant([1, 2]), max_degrees=0.0)
