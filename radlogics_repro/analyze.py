@@ -21,9 +21,10 @@ Steps of :func:`analyze_study` (METHOD.md sections 4-6):
    the lowest Grad-CAM layer (:func:`classify_and_map_slices`);
 3. case decision: positive slices / lung slices >= ``case_threshold`` (stored with the classifier,
    tuned on validation cases; the config may override) -> "suspected COVID-19";
-4. fine maps of the positive slices are mapped back into the slices' own pixels; the Corona Score is
-   ``sum over positive slices and their pixels of map (0..1) x pixel area (mm^2) x slice spacing (mm)
-   / 1000`` cm^3, exactly METHOD.md section 6;
+4. fine maps of the positive slices are mapped back into the slices' own pixels (with
+   ``map_within_lung``, set to 0 outside the segmented lung); the Corona Score is ``sum over
+   positive slices and their pixels of map (0..1) x pixel area (mm^2) x slice spacing (mm) / 1000``
+   cm^3, exactly METHOD.md section 6;
 5. infection mask: fine map >= ``map_threshold`` inside the lung -> 3D Gaussian blur of that binary
    mask (sigma ``blur_sigma_mm`` in mm, per axis in voxels) -> >= 0.5, kept only where the tissue is
    denser than aerated lung (HU >= ``ggo_hu[0]``); split by HU: ground-glass opacity
@@ -163,6 +164,7 @@ class AnalysisSettings:
     skip_lung_free_slices: bool = True
     lung_slice_step_mm: float | None = 2.5  # results/analyze_speed_options.md, lung_dice_slice_step.md
     gradcam_layers: tuple[str, ...] = localize.GRADCAM_LAYERS
+    map_within_lung: bool = False
 
 
 # =============================================================================================
@@ -368,6 +370,8 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
     positive_boxes = [box for box, pos in zip(boxes, positive_lung, strict=True) if pos]
     for zi, crop_map, box in zip(z[positive_lung], crop_maps, positive_boxes, strict=True):
         in_slice = localize.fine_map_in_slice(crop_map, box, height, width)
+        if settings.map_within_lung:
+            in_slice = np.where(lung_labels[zi] > 0, in_slice, np.float32(0.0))
         fine_map[zi] = in_slice
         map_sum[zi] = in_slice.sum(dtype=np.float64)
     positive = np.zeros(study.hu.shape[0], bool)
@@ -663,7 +667,8 @@ def settings_from_config(cfg) -> AnalysisSettings:
         engine=str(cfg.engine), batch_size=int(cfg.batch_size), n_overlays=int(cfg.n_overlays),
         precision=str(cfg.precision), skip_lung_free_slices=bool(cfg.skip_lung_free_slices),
         lung_slice_step_mm=None if cfg.lung_slice_step_mm is None else float(cfg.lung_slice_step_mm),
-        gradcam_layers=tuple(str(v) for v in cfg.gradcam_layers))
+        gradcam_layers=tuple(str(v) for v in cfg.gradcam_layers),
+        map_within_lung=bool(cfg.get("map_within_lung", False)))
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

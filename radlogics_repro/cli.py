@@ -218,6 +218,7 @@ _ANALYSIS_RULES: dict[str, Check] = {
     "analysis.precision": one_of("auto", "model", "float32", "mixed_bfloat16", "mixed_float16"),
     "analysis.skip_lung_free_slices": boolean(),
     "analysis.lung_slice_step_mm": number(0, optional=True),
+    "analysis.map_within_lung": boolean(),
 }
 
 TRAIN_CONFIG_RULES: dict[str, Check] = {
