@@ -116,7 +116,9 @@ def load_analysis_models(lung_model: str | None, classifier_model: str | None,
 
     ``precision``: ``model`` runs each network at the precision it was trained with; ``float32``
     or ``mixed_bfloat16`` rebuilds both at that precision (:func:`models.with_compute_precision`);
-    ``auto`` is bfloat16 on a CPU-only machine with native bfloat16, else ``model``.
+    ``auto`` is bfloat16 on a CPU-only machine with native bfloat16, else ``model``. Both are run
+    as inference copies with their BatchNormalization folded into the convolutions
+    (:func:`radlogics_repro.models.fold_batchnorm`: the same function, 1.3-1.6x faster in bfloat16).
     """
     from radlogics_repro import models
 
@@ -131,6 +133,7 @@ def load_analysis_models(lung_model: str | None, classifier_model: str | None,
         log.info("running both networks at %s", precision)
         lung_unet = models.with_compute_precision(lung_unet, precision)
         classifier = models.with_compute_precision(classifier, precision)
+    lung_unet, classifier = models.fold_batchnorm(lung_unet), models.fold_batchnorm(classifier)
     return AnalysisModels(
         lung_unet=lung_unet, classifier=classifier,
         lung_card=_model_card(lung_path), classifier_card=_model_card(cls_path),

@@ -234,6 +234,28 @@ def test_models_run_at_a_chosen_precision(tiny_models, dicom_case):
                                      precision="int8")
 
 
+def test_map_within_lung_zeroes_the_map_outside_the_lung_and_scores_what_remains(tiny_models,
+                                                                                  dicom_case):
+    from radlogics_repro import io
+
+    out, frame = dicom_case
+    models = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]))
+    study = io.load_study(out / frame["image"].iloc[0])
+    whole = analyze.analyze_study(study, models, analyze.AnalysisSettings(), case_id="a")
+    within = analyze.analyze_study(study, models, analyze.AnalysisSettings(map_within_lung=True),
+                                   case_id="b")
+    lung = whole.lung_labels > 0
+    np.testing.assert_array_equal(within.lung_labels, whole.lung_labels)
+    assert whole.fine_map[~lung].max() > 0               # the crop's map reaches outside the lung
+    assert within.fine_map[~lung].max() == 0
+    np.testing.assert_array_equal(within.fine_map[lung], whole.fine_map[lung])
+    positive = whole.slices["positive"].to_numpy(bool)
+    by_hand = whole.fine_map[positive].astype(np.float64)[lung[positive]].sum() \
+        * study.voxel_volume_mm3 / 1000.0
+    assert within.summary["corona_score_cm3"] == pytest.approx(by_hand, rel=2e-3)  # float16 map
+    assert 0 < within.summary["corona_score_cm3"] < whole.summary["corona_score_cm3"]
+
+
 @pytest.mark.parametrize("lung_box", [(slice(None), slice(None)), (slice(9, 30), slice(3, 27))])
 def test_slab_wise_infection_mask_equals_the_whole_volume_computation(lung_box):
     rng = np.random.default_rng(3)

@@ -58,9 +58,12 @@ def test_quick_suite_has_every_section_with_its_ratios(tmp_path, monkeypatch):
     roofs = rows("roof", "roof: the faster")
     assert len(roofs) == 2 and finite(rows("roof", "bfloat16 roof")[0])
     assert all(finite(r) for r in rows("roof", "3x3 convolution"))  # beside the largest matmul
-    for task in ("U-Net", "ResNet-50"):
-        inference = rows("models", task, "inference,")
-        assert inference and all(finite(r) and r.met is not None for r in inference)
+    for task in ("U-Net", "ResNet-50"):   # as analyze runs them (target) and as trained
+        folded = rows("models", task, "inference,", "BatchNorm folded, batch")
+        assert folded and all(finite(r) and r.met is not None for r in folded)
+        as_trained = [r for r in rows("models", task, "inference,") if "BatchNorm folded" not in r.figure]
+        assert as_trained and all(finite(r) and r.met is None for r in as_trained)
+        assert finite(rows("models", task, "inference, float32: BatchNorm folded speed-up")[0])
     assert finite(rows("models", "U-Net", "training,")[0])
     assert finite(rows("models", "U-Net", "inference: mixed_bfloat16 speed-up")[0])
     assert finite(rows("pipeline")[0]) and rows("pipeline")[0].target == ">= 0.9"

@@ -500,3 +500,43 @@ def test_a_model_rebuilt_at_bfloat16_keeps_weights_and_float32_outputs():
     back = models.with_compute_precision(fast, "float32")
     np.testing.assert_array_equal(model.predict_on_batch(x), back.predict_on_batch(x))
     assert models.with_compute_precision(model, "float32") is model
+
+
+def _randomize_batchnorm(model, seed: int = 0) -> None:
+    """Non-trivial inference statistics, so that folding them changes the weights."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n), rng.normal(0, 0.2, n),
+                               rng.normal(0, 0.2, n), rng.uniform(0.5, 2.0, n)])
+
+
+@pytest.mark.parametrize("builder", ["classifier", "unet"])
+def test_folded_batchnorm_computes_the_same_function_and_keeps_layer_names(builder):
+    """Inference copy (analyze runs it): no BatchNormalization left, the same outputs and the same
+    activations at the Grad-CAM layers, up to float32 rounding."""
+    import tensorflow as tf
+
+    from radlogics_repro.models import fold_batchnorm
+
+    keras.utils.set_random_seed(4)
+    if builder == "classifier":
+        model = build_slice_classifier(input_shape=(64, 64, 3), weights=None, dense_units=(8, 4))
+    else:
+        model = build_lung_unet(input_shape=(64, 64, 3), encoder_weights=None,
+                                decoder_filters=(8, 8, 8, 8))
+    _randomize_batchnorm(model)
+    n_batchnorm = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    assert n_batchnorm > 0
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.layers)
+    assert [layer.name for layer in folded.layers] == [layer.name for layer in model.layers]
+    x = np.random.default_rng(1).random((4, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(folded.predict_on_batch(x), model.predict_on_batch(x), atol=2e-5)
+    if builder == "classifier":
+        names = list(GRADCAM_LAYERS)
+        probe = [keras.Model(m.inputs, [m.get_layer(n).output for n in names]) for m in (model, folded)]
+        for a, b in zip(*(p(tf.constant(x), training=False) for p in probe), strict=True):
+            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4)
+    assert fold_batchnorm(folded) is folded             # nothing left to fold

@@ -7,7 +7,8 @@
   each model. Pretrained-weights sources and the offline fallback: :mod:`.weights`.
 * :func:`load_model` loads a saved ``.keras`` model in safe mode; :func:`count_flops` counts FLOPs;
   :func:`with_compute_precision` runs a model at another precision (float32 / bfloat16),
-  :func:`with_input_size` at another input size.
+  :func:`with_input_size` at another input size; :func:`fold_batchnorm` makes the inference copy
+  analyze runs (BatchNormalization folded into the convolutions, :mod:`.inference`).
 * :func:`build_contrastive_model` -- SimCLR pre-training of either backbone on unlabeled CT;
   :func:`export_backbone` writes the weights file the two networks load (:mod:`.contrastive`).
 """
@@ -20,6 +21,7 @@ from radlogics_repro.models.contrastive import (
     pair_accuracy,
 )
 from radlogics_repro.models.flops import count_flops
+from radlogics_repro.models.inference import fold_batchnorm
 from radlogics_repro.models.precision import (
     POLICIES,
     PRECISION_CHOICES,
@@ -53,6 +55,7 @@ __all__ = [
     "build_slice_classifier",
     "count_flops",
     "export_backbone",
+    "fold_batchnorm",
     "init_record",
     "load_model",
     "pair_accuracy",
