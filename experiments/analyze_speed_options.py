@@ -37,7 +37,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lung_dice import produced_by, refuse_existing  # noqa: E402
+from lung_dice import produced_by, refuse_existing, script_start  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, localize  # noqa: E402
 from radlogics_repro.bench import timing  # noqa: E402
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if refuse_existing(out):
         return 2
-    started = time.time()
+    started = script_start()
     loaded = analyze.load_analysis_models(args.lung_model, args.classifier_model, precision="auto")
     with tempfile.TemporaryDirectory() as folder:
         bench_study = make_bench_study(Path(folder), args.slices, args.in_plane)

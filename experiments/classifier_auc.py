@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lung_dice import dataset_rows, named_path, produced_by, refuse_existing  # noqa: E402
+from lung_dice import dataset_rows, named_path, produced_by, refuse_existing, script_start  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, data, models  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if refuse_existing(out):
         return 2
-    started = time.time()
+    started = script_start()
     specs = args.data or [("holdout", f"{HOLDOUT}:test")]
     datasets = [(name, *dataset_rows(spec, None)) for name, spec in specs]
     runs = [(name, read_run(path)) for name, path in args.run]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lung_dice import dataset_rows, named_path, produced_by, refuse_existing  # noqa: E402
+from lung_dice import dataset_rows, named_path, produced_by, refuse_existing, script_start  # noqa: E402
 from paper_tables import model_file, model_runs  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, io  # noqa: E402
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if refuse_existing(args.out):
         return 2
-    started = time.time()
+    started = script_start()
     lung_dir, classifier_dir = model_runs(args.lung_run, args.classifier_run)
     models = analyze.load_analysis_models(str(lung_dir / "model.keras"),
                                           str(classifier_dir / "model.keras"),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lung_dice import produced_by, refuse_existing  # noqa: E402
+from lung_dice import produced_by, refuse_existing, script_start  # noqa: E402
 from summarize_run import run_wall_minutes  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, models  # noqa: E402
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if refuse_existing(out):
         return 2
-    started = time.time()
+    started = script_start()
     decoders = [tuple(int(f) for f in text.split(",")) for text in args.decoders]
     compute = measure_decoders(decoders, args.repeats)
     print(compute.to_string(index=False), flush=True)

@@ -25,6 +25,7 @@ import argparse
 import itertools
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +65,27 @@ def refuse_existing(out: Path) -> bool:
     return False
 
 
-def produced_by(script: str, argv: list[str] | None, started: float) -> str:
-    """The provenance sentence of a results file: the command as typed, the commit, the date, the
-    machine and how long the script took (``started``: its ``time.time()`` at the start)."""
-    env = provenance.environment()
+@dataclass(frozen=True)
+class Start:
+    """When a script started and the checkout it started from (a long script must not record the
+    commit of whatever is checked out when it ends)."""
+
+    time: float
+    environment: dict
+
+
+def script_start() -> Start:
+    return Start(time.time(), provenance.environment())
+
+
+def produced_by(script: str, argv: list[str] | None, started: Start) -> str:
+    """The provenance sentence of a results file: the command as typed, the commit and date at the
+    start (``started``: :func:`script_start` at the start), the machine and how long the script took."""
+    env = started.environment
     given = " ".join(sys.argv[1:] if argv is None else argv)
     return (f"Produced by `python experiments/{script} {given}` at commit `{env['commit']}` on "
             f"{env['date']} ({env['machine']}, TensorFlow {env['tensorflow']}); the script took "
-            f"{(time.time() - started) / 60:.1f} min.")
+            f"{(time.time() - started.time) / 60:.1f} min.")
 
 
 def load_at_precision(path: str, policy: str):
@@ -145,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if refuse_existing(out):
         return 2
-    started = time.time()
+    started = script_start()
     datasets = [(name, *dataset_rows(spec, args.max_scans, args.max_slice_mm)) for name, spec in args.data]
     policy = models.resolve_precision(args.precision)
     per_scan, summary = [], []

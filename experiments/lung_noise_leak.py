@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorflow as tf  # noqa: E402
-from lung_dice import load_at_precision, named_path, produced_by, refuse_existing  # noqa: E402
+from lung_dice import load_at_precision, named_path, produced_by, refuse_existing, script_start  # noqa: E402
 
 from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, models  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if refuse_existing(out):
         return 2
-    started = time.time()
+    started = script_start()
     manifest = str(Path(args.manifest).expanduser())
     policy = models.resolve_precision(args.precision)
     rows = []

@@ -89,8 +89,11 @@ def test_command_line_specs_and_provenance_sentence():
     with pytest.raises(Exception, match="CSV:MODEL"):
         lung_decoder_sweep.holdout_spec("results/a.csv")
     assert lung_dice.named_path("base=runs/x/model.keras", "--model") == ("base", "runs/x/model.keras")
-    sentence = lung_dice.produced_by("classifier_auc.py", ["--run", "a=b"], time.time() - 90)
-    assert sentence.startswith("Produced by `python experiments/classifier_auc.py --run a=b` at commit `")
+    started = lung_dice.Start(time.time() - 90, {"commit": "abc1234", "date": "2026-11-23T07:00:00",
+                                                 "machine": "x86_64", "tensorflow": "2.21.0"})
+    sentence = lung_dice.produced_by("classifier_auc.py", ["--run", "a=b"], started)
+    assert sentence.startswith("Produced by `python experiments/classifier_auc.py --run a=b` at commit "
+                               "`abc1234` on 2026-11-23T07:00:00")  # the start's checkout, not the end's
     assert sentence.endswith("the script took 1.5 min.")
 
 

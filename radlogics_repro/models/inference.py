@@ -60,7 +60,8 @@ def foldable_pairs(config: dict) -> dict[str, str]:
     outputs = _output_layer_names(config)
     pairs = {}
     for entry in config["layers"]:
-        if entry["class_name"] != "BatchNormalization" or entry["config"].get("axis") not in (-1, [-1], 3, [3]):
+        last_axis = entry["config"].get("axis") in (-1, [-1], 3, [3])   # channels-last 4D inputs
+        if entry["class_name"] != "BatchNormalization" or not last_axis:
             continue
         inbound = _inbound_layer_names(entry)
         if len(inbound) != 1 or layers[inbound[0]]["class_name"] not in _FOLDABLE:
