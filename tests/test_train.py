@@ -169,6 +169,20 @@ def test_first_stage_trains_at_its_size_then_the_run_goes_on_from_it(tiny_datase
         train.after_first_stage(longer, environment={})
 
 
+def test_first_stage_takes_its_own_augmentation_overrides(tiny_dataset, tmp_path, monkeypatch):
+    """trainer.first_stage.augment changes the augmentation of the first stage only."""
+    overrides = smoke_overrides("classifier", tiny_dataset, tmp_path / "run", extra=[
+        "augment.scanner_noise=true",
+        "trainer.first_stage={input_size: 32, epochs: 1, learning_rate: 1e-3, warmup_epochs: 0, "
+        "augment: {scanner_noise: false}}"])
+    stages = []
+    monkeypatch.setattr(train, "_train", lambda cfg, environment: stages.append(cfg))
+    main = train.after_first_stage(compose_train(overrides), environment={})
+    assert [stage.augment.scanner_noise for stage in stages] == [False]
+    assert stages[0].data.input_size == 32 and stages[0].augment.flip == main.augment.flip
+    assert main.augment.scanner_noise is True
+
+
 def test_finetune_local_starts_from_a_saved_model(tiny_dataset, tiny_models, tmp_path):
     base_model = tiny_models["lung"].resolve()  # a saved 32-pixel U-Net with its model.json
     tuned_dir = tmp_path / "tuned"
