@@ -540,3 +540,23 @@ def test_folded_batchnorm_computes_the_same_function_and_keeps_layer_names(build
         for a, b in zip(*(p(tf.constant(x), training=False) for p in probe), strict=True):
             np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-4)
     assert fold_batchnorm(folded) is folded             # nothing left to fold
+
+
+def test_batchnorm_after_an_activation_or_a_shared_output_is_not_folded():
+    from radlogics_repro.models import fold_batchnorm
+
+    x = keras.Input((8, 8, 2))
+    relu_conv = keras.layers.Conv2D(3, 3, padding="same", activation="relu", name="relu_conv")(x)
+    after_relu = keras.layers.BatchNormalization(name="after_relu")(relu_conv)
+    shared = keras.layers.Conv2D(3, 1, name="shared")(after_relu)
+    after_shared = keras.layers.BatchNormalization(name="after_shared")(shared)
+    plain = keras.layers.Conv2D(3, 1, use_bias=False, name="plain")(after_shared)
+    after_plain = keras.layers.BatchNormalization(name="after_plain")(plain)
+    model = keras.Model(x, keras.layers.Add()([after_plain, shared]))
+    _randomize_batchnorm(model, seed=1)
+    folded = fold_batchnorm(model)
+    kinds = {layer.name: type(layer).__name__ for layer in folded.layers}
+    assert kinds["after_relu"] == kinds["after_shared"] == "BatchNormalization"
+    assert kinds["after_plain"] == "Identity" and folded.get_layer("plain").use_bias
+    inputs = np.random.default_rng(2).normal(size=(2, 8, 8, 2)).astype(np.float32)
+    np.testing.assert_allclose(folded.predict_on_batch(inputs), model.predict_on_batch(inputs), atol=1e-5)

@@ -51,7 +51,7 @@ def _output_layer_names(config: dict) -> set[str]:
 def foldable_pairs(config: dict) -> dict[str, str]:
     """``{batchnorm name: the Conv2D / Dense name folded into it}`` of a functional model config:
     every BatchNormalization over the last axis whose single input comes from a Conv2D or Dense
-    layer that feeds nothing else and is not a model output."""
+    layer without activation that feeds nothing else and is not a model output."""
     layers = {entry["name"]: entry for entry in config["layers"]}
     consumers: dict[str, int] = {}
     for entry in config["layers"]:
@@ -66,6 +66,8 @@ def foldable_pairs(config: dict) -> dict[str, str]:
         inbound = _inbound_layer_names(entry)
         if len(inbound) != 1 or layers[inbound[0]]["class_name"] not in _FOLDABLE:
             continue
+        if layers[inbound[0]]["config"].get("activation", "linear") != "linear":
+            continue                          # the normalization acts after a nonlinearity
         source = inbound[0]
         if consumers.get(source) == 1 and source not in outputs:
             pairs[entry["name"]] = source
