@@ -389,7 +389,9 @@ def document(result: BenchRun, command: str) -> str:
         "row is timed interleaved with the roof kernels of its own precision (float32, or bfloat16 for "
         "`mixed_bfloat16`), so its share compares figures taken under the same load.",
         "- models: random weights (speed does not depend on them); FLOPs counted from the layers "
-        "(`radlogics_repro.models.count_flops`, ResNet-50 7.7 GFLOP per 224 image); a training step counts "
+        "(`radlogics_repro.models.count_flops`, ResNet-50 7.7 GFLOP per 224 image); inference is timed "
+        "as trained and with BatchNormalization folded into the convolutions (`models.fold_batchnorm`, "
+        "as analyze runs the networks; the target applies to that row); a training step counts "
         "3x the forward FLOPs; a training step is `fit` for one step on random examples in memory, with the "
         "model compiled as training compiles it (AdamW, the task's loss and metrics); training batch: the "
         "experiment's "
