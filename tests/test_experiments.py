@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import ablations  # noqa: E402
 import analyze_speed_options  # noqa: E402
 import classifier_auc  # noqa: E402
+import corona_within_lung  # noqa: E402
 import lung_decoder_sweep  # noqa: E402
 import lung_dice  # noqa: E402
 import paper_tables  # noqa: E402
@@ -111,6 +112,22 @@ def test_analyze_speed_options_writes_its_table_on_a_small_study(tiny_models, tm
     assert float(differences[0].split("|")[-2]) <= 1e-3  # the two ways give the same maps
     assert analyze_speed_options.main(["--lung-model", "x", "--classifier-model", "y",
                                        "--out", str(out)]) == 2  # never overwrites a result
+
+
+def test_corona_within_lung_scores_both_sums_from_one_analysis(tiny_models, tiny_dataset, tmp_path):
+    out = tmp_path / "corona.md"
+    args = ["--lung-run", str(tiny_models["lung"].parent),
+            "--classifier-run", str(tiny_models["classifier"].parent),
+            "--data", f"tiny={tiny_dataset}:train", "--out", str(out)]
+    assert corona_within_lung.main(args) == 0
+    text = out.read_text()
+    assert "Research use only" in text and "Produced by `python experiments/corona_within_lung.py" in text
+    assert "whole lung crop (METHOD.md literally)" in text and "within the segmented lung" in text
+    cases = pd.read_csv(out.with_suffix(".csv"))
+    assert len(cases) >= 2 and (cases["positive_slices"] > 0).any()
+    assert (cases["within_lung_cm3"] <= cases["whole_crop_cm3"] + 1e-6).all()
+    assert (cases["within_lung_cm3"] < cases["whole_crop_cm3"]).any()   # the crop reaches past the lung
+    assert corona_within_lung.main(args) == 2                            # never overwrites a result
 
 
 def test_lung_dice_keeps_the_thin_slice_scans_of_a_split(tmp_path):
