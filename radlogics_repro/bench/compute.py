@@ -257,10 +257,11 @@ def network_rows(zoo: ModelZoo, task: str, mode: str, policies: Sequence[str], b
     for policy in policies:
         if mode == "inference":
             model = zoo.get(task, policy)
+            forward_flops = float(models.count_flops(model))
             for folded in (False, True):
                 key = _variant(policy, folded)
                 fns[key] = inference_call(models.fold_batchnorm(model) if folded else model, batch)
-                flops[key] = float(models.count_flops(model))
+                flops[key] = forward_flops
                 variants.append((key, policy))
         else:
             model = zoo.compiled(task, policy)

@@ -18,6 +18,8 @@ import copy
 import keras
 import numpy as np
 
+from radlogics_repro.models.precision import built_from_config
+
 _FOLDABLE = ("Conv2D", "Dense")
 
 
@@ -112,10 +114,7 @@ def fold_batchnorm(model: keras.Model) -> keras.Model:
             for node in entry.get("inbound_nodes", []):
                 if isinstance(node, dict):
                     node["kwargs"] = {}                # BatchNormalization's mask / training
-    from radlogics_repro.models.weights import CUSTOM_OBJECTS
-
-    with keras.saving.custom_object_scope(CUSTOM_OBJECTS):
-        folded = model.__class__.from_config(config)
+    folded = built_from_config(model, config)
     folded_into = {source: bn for bn, source in pairs.items()}
     for layer in folded.layers:
         if layer.name in folded_into:

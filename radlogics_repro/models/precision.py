@@ -3,7 +3,8 @@
 A model remembers the dtype policy it was trained with (``float32``, ``mixed_bfloat16``, ...).
 :func:`with_compute_precision` rebuilds it layer by layer under another policy and copies the
 weights (variables stay float32 under the mixed policies), so a float32-trained model can run in
-bfloat16 on a CPU with AVX-512 BF16 (1.4x to 1.7x faster at inference here, results/bench.md) and a
+bfloat16 on a CPU with AVX-512 BF16 (1.8x to 1.9x faster at inference here with the BatchNorm
+layers folded, results/bench.md) and a
 bfloat16-trained one in float32 on hardware without bfloat16. The model's output layers keep
 float32, as the builders make them, so probabilities and masks stay float32.
 
@@ -35,9 +36,9 @@ def cpu_has_bfloat16() -> bool:
 def resolve_precision(choice: str) -> str:
     """An analysis ``precision`` choice -> ``model`` or a Keras policy name.
 
-    ``auto``: ``mixed_bfloat16`` on a CPU-only machine whose CPU has native bfloat16 (1.4x to 1.7x the
-    float32 speed there; lung masks agree with float32 to Dice ~0.99, see results/bench_analyze.md),
-    otherwise ``model`` (each network as it was trained).
+    ``auto``: ``mixed_bfloat16`` on a CPU-only machine whose CPU has native bfloat16 (1.8x to 1.9x the
+    float32 speed there with the BatchNorm layers folded; lung masks agree with float32 to Dice
+    ~0.99, see results/bench_analyze.md), otherwise ``model`` (each network as it was trained).
     """
     if choice not in PRECISION_CHOICES:
         raise ValueError(f"unknown precision {choice!r}; expected one of {PRECISION_CHOICES}")
@@ -98,11 +99,17 @@ def with_input_size(model: keras.Model, size: int) -> keras.Model:
     return _rebuilt(model, config)
 
 
-def _rebuilt(model: keras.Model, config: dict) -> keras.Model:
-    """A new model of ``model``'s class from ``config``, with ``model``'s weights."""
+def built_from_config(model: keras.Model, config: dict) -> keras.Model:
+    """A new, freshly initialised model of ``model``'s class from ``config`` (the package's custom
+    layers known)."""
     from radlogics_repro.models.weights import CUSTOM_OBJECTS
 
     with keras.saving.custom_object_scope(CUSTOM_OBJECTS):
-        rebuilt = model.__class__.from_config(config)
+        return model.__class__.from_config(config)
+
+
+def _rebuilt(model: keras.Model, config: dict) -> keras.Model:
+    """A new model of ``model``'s class from ``config``, with ``model``'s weights."""
+    rebuilt = built_from_config(model, config)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
