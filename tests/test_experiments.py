@@ -14,6 +14,7 @@ import ablations  # noqa: E402
 import analyze_speed_options  # noqa: E402
 import classifier_auc  # noqa: E402
 import corona_within_lung  # noqa: E402
+import crop_label_loss  # noqa: E402
 import lung_decoder_sweep  # noqa: E402
 import lung_dice  # noqa: E402
 import paper_tables  # noqa: E402
@@ -140,3 +141,33 @@ def test_lung_dice_keeps_the_thin_slice_scans_of_a_split(tmp_path):
     spec = f"{tmp_path / 'manifest.csv'}:test"
     assert list(lung_dice.dataset_rows(spec, None)[0]["case_id"]) == ["C1", "C2", "C3"]
     assert list(lung_dice.dataset_rows(spec, None, max_slice_mm=2.5)[0]["case_id"]) == ["C1", "C2"]
+
+
+def test_crop_keeps_a_central_lesion_and_can_cut_a_corner_one():
+    size, pixel_mm2 = 40, 2.0
+    central = np.zeros((size, size), np.float32)
+    central[14:26, 14:26] = 1.0   # inside [0.15 S, 0.85 S): in every window of side >= 0.85 S
+    corner = np.zeros((size, size), np.float32)
+    corner[0:3, 0:3] = 1.0
+    rng = np.random.default_rng(0)
+    kept = crop_label_loss.visible_areas(central, pixel_mm2, draws=30, min_scale=0.85,
+                                         max_degrees=0.0, rng=rng, seed=0)
+    np.testing.assert_allclose(kept, 144 * pixel_mm2)
+    whole = crop_label_loss.visible_areas(corner, pixel_mm2, draws=5, min_scale=1.0,
+                                          max_degrees=0.0, rng=rng, seed=0)
+    np.testing.assert_allclose(whole, 9 * pixel_mm2)      # no crop: all of it
+    cut = crop_label_loss.visible_areas(corner, pixel_mm2, draws=60, min_scale=0.85,
+                                        max_degrees=0.0, rng=rng, seed=0)
+    assert cut.min() == 0.0 and cut.max() == 9 * pixel_mm2  # some windows miss the corner
+
+
+def test_crop_label_loss_reports_by_lesion_area_and_never_overwrites(tiny_dataset, tmp_path):
+    out = tmp_path / "crop.md"
+    args = ["--manifest", str(tiny_dataset), "--split", "train", "--draws", "3", "--size", "32",
+            "--step-mm", "0", "--min-scale", "0.85", "--min-scale", "0.5", "--out", str(out)]
+    assert crop_label_loss.main(args) == 0
+    text = out.read_text()
+    assert "Research use only" in text and "Produced by `python experiments/crop_label_loss.py" in text
+    for setting in ("crop 0.85, rotation 15 deg", "crop 0.5, rotation 15 deg", "rotation 15 deg only"):
+        assert f"| {setting} | all |" in text
+    assert crop_label_loss.main(args) == 2                     # never overwrites a result
