@@ -3,6 +3,7 @@
 import json
 
 import pandas as pd
+import pytest
 from hydra import compose, initialize_config_module
 
 from radlogics_repro.evaluate import __main__ as evaluate_main
@@ -28,6 +29,11 @@ def test_evaluate_writes_tables_plots_and_provenance(tiny_dataset, tiny_models, 
     assert pd.read_csv(out / "slices.csv")["positive"].all()
     summary = (out / "summary.md").read_text()
     assert "Research use only" in summary and "slice AUC" in summary
+    infection = saved["metrics"]["infection_vs_reference"]
+    assert infection["n"] == 2
+    bias = (cases["infection_cm3"] - cases["reference_lesion_cm3"]).mean()
+    assert infection["bias"] == pytest.approx(bias)
+    assert "infection volume vs reference" in summary
     assert set(cases["breath_phase"]) <= {"inhale", "exhale"} and (cases["lung_ml"] >= 0).all()
     breath = saved["metrics"]["breath_phase"]["all_scans"]
     assert breath["n_scans"] == 2 and breath["tp"] + breath["fp"] + breath["fn"] + breath["tn"] == 2

@@ -151,6 +151,13 @@ def summary_markdown(document: dict) -> str:
          f"[{format_value(m['corona_vs_reference']['loa_low'], 1)}, "
          f"{format_value(m['corona_vs_reference']['loa_high'], 1)}]"),
     ]
+    if "infection_vs_reference" in m:   # absent from metrics.json files written before it
+        iv = m["infection_vs_reference"]
+        rows += [("infection volume vs reference: Pearson r / Spearman rho",
+                  f"{format_value(iv['pearson_r'])} / {format_value(iv['spearman_rho'])}"),
+                 ("infection volume - reference: bias [95% limits] cm^3",
+                  f"{format_value(iv['bias'], 1)} [{format_value(iv['loa_low'], 1)}, "
+                  f"{format_value(iv['loa_high'], 1)}]")]
     if "breath_phase" in m:
         bp = m["breath_phase"]
         rows.append(("breath phase from lung volume, F1 (exhalation positive): all scans / "

@@ -147,6 +147,8 @@ def summarize(evaluation: Evaluation, n_boot: int = 1000) -> dict:
             "pointing_game": float(cases["pointing_hits"].sum() / cases["pointing_slices"].sum())
             if cases["pointing_slices"].sum() else float("nan")},
         "corona_vs_reference": M.agreement(cases["corona_score_cm3"], cases["reference_lesion_cm3"]),
+        # the report's other volume (thresholded, blurred maps): does it track the lesions better?
+        "infection_vs_reference": M.agreement(cases["infection_cm3"], cases["reference_lesion_cm3"]),
     }
     phases = cases["breath_phase"].isin(["inhale", "exhale"]) if "breath_phase" in cases else None
     if phases is not None and phases.any():
