@@ -34,9 +34,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from radlogics_repro.data import DatasetError
     from radlogics_repro.io import StudyReadError
     from radlogics_repro.models import ModelLoadError, PretrainedWeightsError
+    from radlogics_repro.synth.phantom import SynthError
 
     return (UserError, StudyReadError, DatasetError, ModelLoadError, PretrainedWeightsError,
-            UnsafeNameError, FileExistsError)
+            UnsafeNameError, FileExistsError, SynthError)
 
 
 @contextlib.contextmanager

@@ -481,6 +481,21 @@ def test_bad_dataset_arguments():
         generate_dataset("/nonexistent/never", split_fractions=(1.0, 0.0))
 
 
+def test_ensure_dataset_refuses_a_cached_dataset_made_with_other_settings(dataset):
+    from radlogics_repro.synth import ensure_dataset
+
+    out, manifest = dataset
+    same = {**DS, "formats": ["nifti", "dicom"], "min_lesion_area_mm2": None, "scanner": None}
+    assert ensure_dataset(manifest, same) == manifest            # defaults and None match
+    assert ensure_dataset(manifest, {"n_patients": 4, "in_plane": 40.0}) == manifest
+    with pytest.raises(SynthError) as err:
+        ensure_dataset(manifest, {**DS, "n_patients": 7, "split_fractions": [0.5, 0.5, 0.0]})
+    message = str(err.value)
+    assert str(out / "dataset.json") in message and "n_patients=4 (asked: 7)" in message
+    assert "split_fractions=[0.6, 0.2, 0.2] (asked: [0.5, 0.5, 0.0])" in message
+    assert "\n" not in message and "seed" not in message
+
+
 # ---------------------------------------------------------------------------------------------
 # Hydra CLI
 # ---------------------------------------------------------------------------------------------

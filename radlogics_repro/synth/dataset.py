@@ -20,6 +20,7 @@ identifiers (name, ID, birth date) that appear nowhere else: the manifest only h
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import os
@@ -456,4 +457,38 @@ def ensure_dataset(manifest: str | os.PathLike, generator: dict) -> Path:
     if not manifest.exists():
         log.info("no dataset at %s: generating the synthetic phantoms (%s)", manifest.parent, generator)
         generate_dataset(manifest.parent, **generator)
+        return manifest
+    differences = generator_differences(manifest.parent / "dataset.json", generator)
+    if differences:
+        raise SynthError(
+            f"{manifest.parent / 'dataset.json'}: the dataset there was generated with "
+            f"{'; '.join(differences)}; point data.manifest at another folder, or delete "
+            f"{manifest.parent} to generate it anew")
     return manifest
+
+
+def generator_differences(dataset_json: Path, generator: dict) -> list[str]:
+    """The ``generator`` settings that a generated dataset's ``dataset.json`` does not match, as
+    ``'key=stored (asked: wanted)'``, both normalised as :func:`generate_dataset` normalises them.
+    A None asks for the default and matches anything; a dataset without ``dataset.json`` (not
+    written by this package) matches."""
+    if not dataset_json.exists():
+        return []
+    stored = json.loads(dataset_json.read_text()).get("parameters", {})
+    asked = _normalised_parameters(generator)
+    return [f"{key}={json.dumps(stored.get(key))} (asked: {json.dumps(asked[key])})"
+            for key, value in generator.items()
+            if value is not None and key in asked and stored.get(key) != asked[key]]
+
+
+def _normalised_parameters(generator: dict) -> dict:
+    """:func:`generate_dataset`'s recorded ``parameters`` for these arguments (defaults filled in)."""
+    signature = inspect.signature(generate_dataset).parameters
+    merged = {k: p.default for k, p in signature.items() if p.default is not inspect.Parameter.empty}
+    merged.update({k: v for k, v in generator.items() if v is not None})
+    keys = ("n_patients", "seed", "in_plane", "slices", "pixel_mm", "slice_mm", "covid_fraction",
+            "longitudinal_fraction", "timepoints", "exhale_fraction", "split_fractions", "scanner")
+    params = _check_params(**{k: merged[k] for k in keys}, formats=_check_formats(merged["formats"]))
+    if merged["min_lesion_area_mm2"] is not None:
+        params["min_lesion_area_mm2"] = float(merged["min_lesion_area_mm2"])
+    return _jsonable(params)
