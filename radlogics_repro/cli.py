@@ -240,6 +240,7 @@ TRAIN_CONFIG_RULES: dict[str, Check] = {
     "trainer.first_stage.epochs": integer(1),
     "trainer.first_stage.learning_rate": number(0, above_minimum=True),
     "trainer.first_stage.warmup_epochs": integer(0),
+    "trainer.first_stage.early_stopping_patience": integer(0, optional=True),
     "trainer.strategy": one_of("default", "mirrored", "multi_worker"),
     "trainer.deterministic": boolean(),
     "trainer.max_cases_per_split": integer(1, optional=True),

@@ -475,7 +475,8 @@ def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
 
     The first stage is a complete run of its own in ``<run_dir>/first_stage/`` (same data, model
     and augmentation; ``epochs``, ``learning_rate`` and ``warmup_epochs`` from ``first_stage``, and
-    ``first_stage.augment`` overrides augmentation settings for it),
+    ``first_stage.early_stopping_patience`` and ``first_stage.augment``, when given, override the
+    patience and augmentation settings for it),
     so it resumes, and a finished one is reused when the whole run is restarted. The returned
     config sets ``model.init_from`` to its ``model.keras``; the main stage's init record then
     reads ``finetuned from .../first_stage/model.keras (...), resized from 112x112 px``.
@@ -488,6 +489,8 @@ def after_first_stage(cfg: DictConfig, environment: dict) -> DictConfig:
         stage_cfg.data.input_size = stage.input_size
         for key in ("epochs", "learning_rate", "warmup_epochs"):
             stage_cfg.trainer[key] = stage[key]
+        if stage.get("early_stopping_patience") is not None:   # the stage's own patience
+            stage_cfg.trainer.early_stopping_patience = stage.early_stopping_patience
         for key, value in (stage.get("augment") or {}).items():   # the stage's own augmentation
             stage_cfg.augment[key] = value
         stage_cfg.trainer.first_stage = None
