@@ -169,31 +169,19 @@ def test_first_stage_trains_at_its_size_then_the_run_goes_on_from_it(tiny_datase
         train.after_first_stage(longer, environment={})
 
 
-def test_first_stage_takes_its_own_augmentation_overrides(tiny_dataset, tmp_path, monkeypatch):
-    """trainer.first_stage.augment changes the augmentation of the first stage only."""
+def test_first_stage_takes_its_own_augmentation_and_patience(tiny_dataset, tmp_path, monkeypatch):
+    """trainer.first_stage.augment and .early_stopping_patience change the first stage only."""
     overrides = smoke_overrides("classifier", tiny_dataset, tmp_path / "run", extra=[
-        "augment.scanner_noise=true",
+        "augment.scanner_noise=true", "trainer.early_stopping_patience=3",
         "trainer.first_stage={input_size: 32, epochs: 1, learning_rate: 1e-3, warmup_epochs: 0, "
-        "augment: {scanner_noise: false}}"])
+        "early_stopping_patience: 4, augment: {scanner_noise: false}}"])
     stages = []
     monkeypatch.setattr(train, "_train", lambda cfg, environment: stages.append(cfg))
     main = train.after_first_stage(compose_train(overrides), environment={})
     assert [stage.augment.scanner_noise for stage in stages] == [False]
-    assert stages[0].trainer.early_stopping_patience == main.trainer.early_stopping_patience
     assert stages[0].data.input_size == 32 and stages[0].augment.flip == main.augment.flip
     assert main.augment.scanner_noise is True
-
-
-def test_first_stage_takes_its_own_early_stopping_patience(tiny_dataset, tmp_path, monkeypatch):
-    """trainer.first_stage.early_stopping_patience sets the first stage's patience only."""
-    overrides = smoke_overrides("classifier", tiny_dataset, tmp_path / "run", extra=[
-        "trainer.early_stopping_patience=3",
-        "trainer.first_stage={input_size: 32, epochs: 4, learning_rate: 1e-3, warmup_epochs: 0, "
-        "early_stopping_patience: 4}"])
-    stages = []
-    monkeypatch.setattr(train, "_train", lambda cfg, environment: stages.append(cfg))
-    main = train.after_first_stage(compose_train(overrides), environment={})
-    assert [stage.trainer.early_stopping_patience for stage in stages] == [4]
+    assert stages[0].trainer.early_stopping_patience == 4
     assert main.trainer.early_stopping_patience == 3
 
 
