@@ -452,6 +452,10 @@ def ensure_dataset(manifest: str | os.PathLike, generator: dict) -> Path:
 
     ``generator`` holds :func:`generate_dataset`'s keyword arguments (a data config's ``generator``).
     Returns the manifest path.
+
+    Raises:
+        SynthError: the folder holds a dataset generated with other settings (its ``dataset.json``,
+            see :func:`generator_differences`): it is never reused silently.
     """
     manifest = Path(manifest)
     if not manifest.exists():
