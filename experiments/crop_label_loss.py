@@ -87,24 +87,19 @@ def visible_areas(mask: np.ndarray, pixel_mm2: float, *, draws: int, min_scale: 
 
 
 def loss_table(rows: pd.DataFrame, min_lesion_area_mm2: float) -> pd.DataFrame:
-    """Share of draws below the label threshold and with no lesion, by whole lesion area."""
+    """Share of draws below the label threshold and with no lesion, by whole lesion area, then over
+    all abnormal slices, per augmentation setting."""
+
+    def row(setting, area_label, group):
+        return {"augmentation": setting, "slice lesion area mm^2": area_label,
+                "abnormal slices": group["slice"].nunique(),
+                "draws below threshold": float((group["visible_mm2"] < min_lesion_area_mm2).mean()),
+                "draws with no lesion": float((group["visible_mm2"] <= 0).mean())}
+
     bins = pd.cut(rows["whole_mm2"], AREA_BINS_MM2, right=False)
-    table = []
-    for (setting, interval), group in rows.groupby(["setting", bins], observed=True, sort=True):
-        table.append({
-            "augmentation": setting,
-            "slice lesion area mm^2": f"[{interval.left:g}, {interval.right:g})",
-            "abnormal slices": group["slice"].nunique(),
-            "draws below threshold": float((group["visible_mm2"] < min_lesion_area_mm2).mean()),
-            "draws with no lesion": float((group["visible_mm2"] <= 0).mean()),
-        })
-    for setting, group in rows.groupby("setting", sort=True):
-        table.append({
-            "augmentation": setting, "slice lesion area mm^2": "all",
-            "abnormal slices": group["slice"].nunique(),
-            "draws below threshold": float((group["visible_mm2"] < min_lesion_area_mm2).mean()),
-            "draws with no lesion": float((group["visible_mm2"] <= 0).mean()),
-        })
+    table = [row(setting, f"[{interval.left:g}, {interval.right:g})", group)
+             for (setting, interval), group in rows.groupby(["setting", bins], observed=True, sort=True)]
+    table += [row(setting, "all", group) for setting, group in rows.groupby("setting", sort=True)]
     return pd.DataFrame(table)
 
 
