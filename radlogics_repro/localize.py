@@ -13,7 +13,9 @@ For each [0, 1] lung crop the classifier sees, and for each layer in ``layers`` 
 *Score.* The gradient is taken of the probability itself, as the paper's Keras implementation and
 tf-keras-vis with the sigmoid left in place do. Its gradient is the logit's times p (1 - p), a
 positive per-image factor, which cancels in the per-image normalization (but makes the raw maps of
-confidently classified images small).
+confidently classified images small, and all zero once the probability rounds to 1 in float32).
+``score="logit"`` (engine ``"fused"`` and the cut) differentiates the logit instead, computed from the
+output layer's input and weights, so the raw maps keep their magnitude at any confidence.
 
 *Resize.* ``tf.image.resize(..., method="bilinear")`` with half-pixel centres (TensorFlow 2's only
 convention, no antialiasing needed as it upsamples): output pixel ``i`` samples the map at
@@ -53,13 +55,13 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from radlogics_repro.models.classifier import GRADCAM_LAYERS
+from radlogics_repro.models.classifier import GRADCAM_LAYERS, OUTPUT_NAME
 from radlogics_repro.preprocess import Box, paste_into_slice
 
 logger = logging.getLogger(__name__)
@@ -67,8 +69,9 @@ logger = logging.getLogger(__name__)
 ENGINES = ("fused", "tf-keras-vis")
 """Names accepted by ``gradcam_maps(engine=...)``."""
 
-SCORE = "probability"
-"""What Grad-CAM differentiates: the classifier's sigmoid output (not the logit)."""
+SCORES = ("probability", "logit")
+"""What Grad-CAM can differentiate (``score=``): the classifier's sigmoid output (the paper's, the
+default) or its logit, the output layer's input times its kernel plus its bias."""
 
 FLAT_MAP_RELATIVE_RANGE = 1e-5
 """A raw map whose (max - min) is at most this fraction of its largest absolute value is treated as
@@ -94,7 +97,7 @@ class GradcamResult:
         fine: float32 ``(N, S, S)`` in [0, 1], the product of the normalized maps resized to S x S.
         layers: the layers used, in order.
         engine: the engine that computed the raw maps.
-        score: what was differentiated (:data:`SCORE`).
+        score: what was differentiated (one of :data:`SCORES`).
     """
 
     probabilities: np.ndarray
@@ -103,7 +106,7 @@ class GradcamResult:
     fine: np.ndarray
     layers: tuple[str, ...]
     engine: str
-    score: str = field(default=SCORE)
+    score: str = "probability"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,6 +119,7 @@ def gradcam_maps(
     layers: Sequence[str] = GRADCAM_LAYERS,
     engine: str = "fused",
     batch_size: int = 16,
+    score: str = "probability",
 ) -> GradcamResult:
     """Grad-CAM maps of the slice classifier on a batch of crops (see the module docstring).
 
@@ -128,6 +132,7 @@ def gradcam_maps(
             (``fine`` = that map resized).
         engine: ``"fused"`` or ``"tf-keras-vis"``.
         batch_size: images per forward/backward pass (memory, not results).
+        score: ``"probability"`` or ``"logit"`` (:data:`SCORES`; engine ``"fused"`` only).
 
     Returns:
         :class:`GradcamResult`.
@@ -135,6 +140,8 @@ def gradcam_maps(
     layers = _check_layers(model, layers)
     if engine not in ENGINES:
         raise GradcamError(f"unknown Grad-CAM engine {engine!r}; expected one of {ENGINES}")
+    if score != "probability" and engine != "fused":
+        raise GradcamError(f"Grad-CAM score {score!r} needs engine 'fused', not {engine!r}")
     if int(batch_size) < 1:
         raise GradcamError(f"batch_size must be >= 1, got {batch_size}")
     x = _check_images(model, images)
@@ -144,7 +151,7 @@ def gradcam_maps(
     for start in range(0, n, int(batch_size)):
         chunk = tf.convert_to_tensor(x[start : start + int(batch_size)])
         if engine == "fused":
-            prob, maps = _fused_raw_maps(model, layers, chunk)
+            prob, maps = _fused_raw_maps(model, layers, chunk, score)
         else:
             prob, maps = _tf_keras_vis_raw_maps(model, layers, chunk)
         probabilities.append(prob)
@@ -154,16 +161,16 @@ def gradcam_maps(
     raw_maps = {name: _concat(raw[name], n, model.get_layer(name).output.shape[1:3])
                 for name in layers}
     probs = np.concatenate(probabilities) if probabilities else np.zeros((0,), np.float32)
-    return _result(probs, raw_maps, layers, (height, width), engine)
+    return _result(probs, raw_maps, layers, (height, width), engine, score)
 
 
 def _result(probabilities: np.ndarray, raw: dict[str, np.ndarray], layers: tuple[str, ...],
-            size: tuple[int, int], engine: str) -> GradcamResult:
+            size: tuple[int, int], engine: str, score: str = "probability") -> GradcamResult:
     """The shared tail of both ways to Grad-CAM: raw maps -> normalized -> fused fine map."""
     normalized = {name: normalize_maps(m) for name, m in raw.items()}
     fine = fuse_maps([normalized[name] for name in layers], size)
     return GradcamResult(probabilities=probabilities.astype(np.float32), raw=raw,
-                         normalized=normalized, fine=fine, layers=layers, engine=engine)
+                         normalized=normalized, fine=fine, layers=layers, engine=engine, score=score)
 
 
 def normalize_maps(maps) -> np.ndarray:
@@ -293,15 +300,14 @@ def _concat(parts: list[np.ndarray], n: int, hw) -> np.ndarray:
 _FUSED_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _fused_function(model: keras.Model, layers: tuple[str, ...]):
+def _fused_function(model: keras.Model, layers: tuple[str, ...], score: str = "probability"):
     per_model = _FUSED_CACHE.setdefault(model, {})
-    if layers in per_model:
-        return per_model[layers]
-    if len(model.outputs) != 1:
-        raise GradcamError(f"model {model.name!r} must have one output, has {len(model.outputs)}")
+    if (layers, score) in per_model:
+        return per_model[(layers, score)]
+    head_input = _score_inputs(model, score)
     grad_model = keras.Model(
         model.inputs,
-        [model.get_layer(name).output for name in layers] + [model.outputs[0]],
+        [model.get_layer(name).output for name in layers] + [model.outputs[0], *head_input],
         name=f"{model.name}_gradcam",
     )
     spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
@@ -309,13 +315,49 @@ def _fused_function(model: keras.Model, layers: tuple[str, ...]):
     @tf.function(input_signature=[spec])
     def raw_maps(x):
         with tf.GradientTape() as tape:
-            *activations, output = grad_model(x, training=False)
-            score = tf.cast(output[:, 0], tf.float32)  # probability (sigmoid output)
-        return score, _weighted_maps(activations, tape.gradient(score, activations))
+            outputs = grad_model(x, training=False)
+            activations = outputs[:len(layers)]
+            probability, target = _probability_and_target(model, score, outputs[len(layers):])
+        return probability, _weighted_maps(activations, tape.gradient(target, activations))
 
-    logger.debug("built fused Grad-CAM function for %s at %s", model.name, layers)
-    per_model[layers] = raw_maps
+    logger.debug("built fused Grad-CAM function for %s at %s (score: %s)", model.name, layers, score)
+    per_model[(layers, score)] = raw_maps
     return raw_maps
+
+
+def _score_inputs(model: keras.Model, score: str) -> list:
+    """The extra tensors the Grad-CAM ``score`` needs beyond the model's output: none for the
+    probability; for the logit, the input of the output layer (a ``Dense(1, sigmoid)``)."""
+    if score not in SCORES:
+        raise GradcamError(f"unknown Grad-CAM score {score!r}; expected one of {SCORES}")
+    if len(model.outputs) != 1:
+        raise GradcamError(f"model {model.name!r} must have one output, has {len(model.outputs)}")
+    if score == "probability":
+        return []
+    head = _output_layer(model)
+    if not isinstance(head, keras.layers.Dense) or head.activation is not keras.activations.sigmoid:
+        raise GradcamError(f"model {model.name!r}: the logit score needs a Dense sigmoid output "
+                           f"layer, found {type(head).__name__} {head.name!r}")
+    return [head.input]
+
+
+def _output_layer(model: keras.Model):
+    try:
+        return model.get_layer(OUTPUT_NAME)
+    except ValueError:
+        return model.layers[-1]
+
+
+def _probability_and_target(model: keras.Model, score: str, tail) -> tuple:
+    """(probability ``(N,)``, the scalar per image that Grad-CAM differentiates ``(N,)``), float32,
+    from the outputs after the activations: ``[probability]`` or ``[probability, head input]``."""
+    probability = tf.cast(tail[0][:, 0], tf.float32)
+    if score == "probability":
+        return probability, probability
+    head = _output_layer(model)
+    features = tf.cast(tail[1], tf.float32)
+    logit = tf.matmul(features, tf.cast(head.kernel, tf.float32))[:, 0] + tf.cast(head.bias[0], tf.float32)
+    return probability, logit
 
 
 def _weighted_maps(activations, grads) -> list:
@@ -329,9 +371,9 @@ def _weighted_maps(activations, grads) -> list:
     return maps
 
 
-def _fused_raw_maps(model, layers, x) -> tuple[np.ndarray, list[np.ndarray]]:
-    score, maps = _fused_function(model, layers)(x)
-    return score.numpy(), [m.numpy() for m in maps]
+def _fused_raw_maps(model, layers, x, score="probability") -> tuple[np.ndarray, list[np.ndarray]]:
+    probability, maps = _fused_function(model, layers, score)(x)
+    return probability.numpy(), [m.numpy() for m in maps]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,7 +405,8 @@ def classify_keeping_cut(model: keras.Model, images, layers: Sequence[str] = GRA
 
 
 def gradcam_maps_from_cut(model: keras.Model, cut_activations, size: tuple[int, int],
-                          layers: Sequence[str] = GRADCAM_LAYERS, rows=None) -> GradcamResult:
+                          layers: Sequence[str] = GRADCAM_LAYERS, rows=None,
+                          score: str = "probability") -> GradcamResult:
     """Grad-CAM (engine ``"fused"``'s maps) of the images whose cut activations are given.
 
     Args:
@@ -372,42 +415,43 @@ def gradcam_maps_from_cut(model: keras.Model, cut_activations, size: tuple[int, 
         size: the images' (S, S), the fine maps' size.
         layers: the Grad-CAM layers, as in :func:`gradcam_maps`.
         rows: optional bool ``(N,)`` mask or indices: the images to map (e.g. the positives).
+        score: ``"probability"`` or ``"logit"`` (:data:`SCORES`).
 
     Returns:
         :class:`GradcamResult` (``engine`` ``"fused"``; probabilities recomputed from the cut).
     """
     layers = _check_layers(model, layers)
-    _, upper = _split_functions(model, layers)
+    _, upper = _split_functions(model, layers, score)
     if rows is not None:
         rows = np.asarray(rows)
         cut_activations = tf.gather(cut_activations, np.flatnonzero(rows) if rows.dtype == bool else rows)
     n = int(cut_activations.shape[0])
     probabilities, parts = np.zeros((0,), np.float32), {name: [] for name in layers}
     if n:
-        score, maps = upper(tf.convert_to_tensor(cut_activations))
-        probabilities = score.numpy()
+        probability, maps = upper(tf.convert_to_tensor(cut_activations))
+        probabilities = probability.numpy()
         for name, m in zip(layers, maps, strict=True):
             parts[name].append(m.numpy())
     raw = {name: _concat(parts[name], n, model.get_layer(name).output.shape[1:3]) for name in layers}
-    return _result(probabilities, raw, layers, tuple(size), "fused")
+    return _result(probabilities, raw, layers, tuple(size), "fused", score)
 
 
-def _split_functions(model: keras.Model, layers: tuple[str, ...]):
+def _split_functions(model: keras.Model, layers: tuple[str, ...], score: str = "probability"):
     """(forward, upper): compiled ``forward(x) -> (probabilities, cut activation)`` and
-    ``upper(cut) -> (probabilities, [raw map per layer])``, cached like the fused function."""
+    ``upper(cut) -> (probabilities, [raw map per layer])`` (maps of ``score``), cached like the
+    fused function."""
     per_model = _FUSED_CACHE.setdefault(model, {})
-    key = ("split", layers)
+    key = ("split", layers, score)
     if key in per_model:
         return per_model[key]
-    if len(model.outputs) != 1:
-        raise GradcamError(f"model {model.name!r} must have one output, has {len(model.outputs)}")
+    head_input = _score_inputs(model, score)
     cut = cut_layer(model, layers)
     cut_tensor = model.get_layer(cut).output
     lower = keras.Model(model.inputs, [model.outputs[0], cut_tensor], name=f"{model.name}_to_{cut}")
     above = [name for name in layers if name != cut]
     try:
         upper_model = keras.Model(cut_tensor, [model.get_layer(name).output for name in above]
-                                  + [model.outputs[0]], name=f"{model.name}_from_{cut}")
+                                  + [model.outputs[0], *head_input], name=f"{model.name}_from_{cut}")
     except ValueError as err:  # something below the cut reaches past it
         raise GradcamError(f"model {model.name!r} cannot be cut at {cut!r}: {err}") from err
     image_spec = tf.TensorSpec((None, *model.inputs[0].shape[1:]), tf.float32)
@@ -423,11 +467,12 @@ def _split_functions(model: keras.Model, layers: tuple[str, ...]):
         with tf.GradientTape() as tape:
             tape.watch(activation)
             outputs = upper_model(activation, training=False)
-            *higher, output = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-            score = tf.cast(output[:, 0], tf.float32)
+            outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+            higher = outputs[:len(above)]
+            probability, target = _probability_and_target(model, score, outputs[len(above):])
         by_name = dict(zip([cut, *above], [activation, *higher], strict=True))
         activations = [by_name[name] for name in layers]
-        return score, _weighted_maps(activations, tape.gradient(score, activations))
+        return probability, _weighted_maps(activations, tape.gradient(target, activations))
 
     per_model[key] = (forward, upper)
     return forward, upper

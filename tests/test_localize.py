@@ -243,3 +243,32 @@ def test_single_layer_from_the_cut(classifier, images, fused):
     assert cut.shape == (2, 14, 14, 1024)
     one = gradcam_maps_from_cut(classifier, cut, (224, 224), layers=(L14,))
     np.testing.assert_allclose(one.normalized[L14], fused.normalized[L14], atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# the logit score
+# ------------------------------------------------------------------------------------------------
+def test_logit_maps_are_the_probability_maps_over_the_sigmoid_slope(classifier, images, fused):
+    """d p / d A = p (1 - p) d logit / d A, and ReLU commutes with a positive factor."""
+    logit = gradcam_maps(classifier, images, batch_size=2, score="logit")
+    assert logit.score == "logit" and fused.score == "probability"
+    np.testing.assert_allclose(logit.probabilities, fused.probabilities, atol=1e-6)
+    p = fused.probabilities.astype(np.float64)
+    slope = (p * (1 - p))[:, None, None]
+    assert (slope > 1e-3).all()  # untrained: far from saturation, so the division is exact enough
+    for name in GRADCAM_LAYERS:
+        expected = fused.raw[name] / slope
+        np.testing.assert_allclose(logit.raw[name], expected, rtol=1e-3, atol=1e-4 * expected.max())
+        np.testing.assert_allclose(logit.normalized[name], fused.normalized[name], atol=1e-3)
+    _, cut = classify_keeping_cut(classifier, images)
+    from_cut = gradcam_maps_from_cut(classifier, cut, (224, 224), score="logit")
+    for name in GRADCAM_LAYERS:
+        np.testing.assert_allclose(from_cut.raw[name], logit.raw[name], rtol=1e-3,
+                                   atol=1e-4 * logit.raw[name].max())
+
+
+def test_unknown_score_or_engine_without_it_is_refused(classifier, images):
+    with pytest.raises(GradcamError, match="unknown Grad-CAM score"):
+        gradcam_maps(classifier, images, score="margin")
+    with pytest.raises(GradcamError, match="needs engine 'fused'"):
+        gradcam_maps(classifier, images, engine="tf-keras-vis", score="logit")
