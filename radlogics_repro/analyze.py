@@ -331,6 +331,22 @@ def infection_labels_from_map(fine_map: np.ndarray, hu: np.ndarray, lung: np.nda
     return labels
 
 
+def study_lungs(study: io.Study, models: AnalysisModels, settings: AnalysisSettings) -> np.ndarray:
+    """Step 1: the U-Net's lungs, uint8 ``(Z, H, W)`` in the study's grid (1 right, 2 left)."""
+    return segment_lungs(study, models.lung_unet, batch_size=settings.batch_size, label_sides=True,
+                         input_size=int(models.lung_unet.input_shape[1]),
+                         skip_lung_free_slices=settings.skip_lung_free_slices,
+                         slice_step_mm=settings.lung_slice_step_mm)
+
+
+def thresholds(settings: AnalysisSettings, classifier_card: dict) -> tuple[float, float]:
+    """(slice threshold on the probability, case threshold on the positive-slice ratio): the
+    settings' values, else the classifier card's, else 0.5 and ``settings.default_case_threshold``."""
+    return (_first(settings.slice_threshold, classifier_card.get("operating_threshold"), 0.5),
+            _first(settings.case_threshold, classifier_card.get("case_threshold"),
+                   settings.default_case_threshold))
+
+
 def decide_case(n_positive: int, n_lung: int, threshold: float) -> tuple[bool, float]:
     """Case decision: (positive slices / lung slices >= threshold, the ratio). No lung -> (False, 0)."""
     ratio = n_positive / n_lung if n_lung else 0.0
@@ -350,18 +366,11 @@ def analyze_study(study: io.Study, models: AnalysisModels, settings: AnalysisSet
         clock = now
 
     io.require_volume(study)
-    lung_size = int(models.lung_unet.input_shape[1])
-    lung_labels = segment_lungs(study, models.lung_unet, batch_size=settings.batch_size,
-                                label_sides=True, input_size=lung_size,
-                                skip_lung_free_slices=settings.skip_lung_free_slices,
-                                slice_step_mm=settings.lung_slice_step_mm)
+    lung_labels = study_lungs(study, models, settings)
     lap("lung_segmentation")
 
-    card = models.classifier_card
-    z = lung_slice_indices(study, lung_labels, card)
-    slice_threshold = _first(settings.slice_threshold, card.get("operating_threshold"), 0.5)
-    case_threshold = _first(settings.case_threshold, card.get("case_threshold"),
-                            settings.default_case_threshold)
+    z = lung_slice_indices(study, lung_labels, models.classifier_card)
+    slice_threshold, case_threshold = thresholds(settings, models.classifier_card)
     probabilities, boxes, crop_maps, seconds = classify_and_map_slices(
         study, lung_labels, z, models, settings, slice_threshold)
     positive_lung = probabilities >= slice_threshold

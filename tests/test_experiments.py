@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import ablations  # noqa: E402
 import analyze_speed_options  # noqa: E402
 import classifier_auc  # noqa: E402
+import corona_map_scale  # noqa: E402
 import corona_within_lung  # noqa: E402
 import crop_label_loss  # noqa: E402
 import lung_decoder_sweep  # noqa: E402
@@ -171,3 +172,45 @@ def test_crop_label_loss_reports_by_lesion_area_and_never_overwrites(tiny_datase
     for setting in ("crop 0.85, rotation 15 deg", "crop 0.5, rotation 15 deg", "rotation 15 deg only"):
         assert f"| {setting} | all |" in text
     assert crop_label_loss.main(args) == 2                     # never overwrites a result
+
+
+def test_corona_map_scale_per_slice_variant_is_the_analysis_score(tiny_models, tiny_dataset, tmp_path):
+    from radlogics_repro import analyze, io
+
+    settings = analyze.AnalysisSettings(precision="float32")
+    models = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]),
+                                          precision="float32")
+    rows, *_ = lung_dice.dataset_rows(f"{tiny_dataset}:train", 2)
+    scans = [corona_map_scale.scan_maps(row, models, settings) for _, row in rows.iterrows()]
+    assert all(len(s.boxes) > 0 for s in scans)  # the tiny card calls every lung slice positive
+    cases, area, lesion = corona_map_scale.variant_cases(scans, corona_map_scale.PER_SLICE, None, 32)
+    for (_, row), score in zip(rows.iterrows(), cases["corona_score_cm3"], strict=True):
+        report = analyze.analyze_study(io.load_study(row["image"]), models, settings)
+        assert score == pytest.approx(report.summary["corona_score_cm3"], rel=2e-3)
+    assert len(area) == len(lesion) == sum(len(s.boxes) for s in scans)
+    # fixed scales: the maxima's top quantile leaves every map in [0, 1]; a lower one clips more
+    top, low = corona_map_scale.layer_scales(scans, 1.0), corona_map_scale.layer_scales(scans, 0.25)
+    for name in top:
+        assert 0 < low[name] <= top[name]
+        assert max(m.max() for m in corona_map_scale.scaled_maps(scans[0], top).values()) <= 1.0
+    fixed_top, *_ = corona_map_scale.variant_cases(scans, "top", top, 32)
+    fixed_low, *_ = corona_map_scale.variant_cases(scans, "low", low, 32)
+    assert (fixed_low["corona_score_cm3"] >= fixed_top["corona_score_cm3"]).all()
+
+
+def test_corona_map_scale_writes_its_table_and_never_overwrites(tiny_models, tiny_dataset, tmp_path):
+    out = tmp_path / "scale.md"
+    args = ["--lung-run", str(tiny_models["lung"].parent),
+            "--classifier-run", str(tiny_models["classifier"].parent),
+            "--data", f"tiny={tiny_dataset}:train", "--choose-on", "tiny", "--quantiles", "0.5", "0.9",
+            "--max-scans", "2", "--out", str(out)]
+    assert corona_map_scale.main(args) == 0
+    text = out.read_text()
+    assert "Research use only" in text and "Produced by `python experiments/corona_map_scale.py" in text
+    for variant in ("per-slice min-max", "fixed q=0.5", "fixed q=0.9", "Chosen on `tiny`"):
+        assert variant in text, variant
+    cases = pd.read_csv(out.with_suffix(".csv"))
+    assert len(cases) == 2 * 3 and set(cases["map"]) == {"per-slice min-max", "fixed q=0.5", "fixed q=0.9"}
+    assert corona_map_scale.main(args) == 2                          # never overwrites a result
+    with pytest.raises(SystemExit):
+        corona_map_scale.main([*args[:-2], "--choose-on", "other", "--out", str(tmp_path / "x.md")])
