@@ -112,21 +112,20 @@ def scan_maps(row: pd.Series, models: analyze.AnalysisModels, settings: analyze.
 
 def layer_scales(scans: list[ScanMaps], q: float) -> dict[str, float]:
     """Each layer's ``q`` quantile of the per-slice maxima of its raw logit maps (positive slices)."""
-    layers = scans[0].raw.keys()
-    maxima = {name: np.concatenate([s.raw[name].reshape(len(s.raw[name]), -1).max(axis=1, initial=0.0)
-                                    for s in scans]) for name in layers}
-    return {name: max(float(np.quantile(m, q)) if len(m) else 0.0, float(np.finfo(np.float32).tiny))
-            for name, m in maxima.items()}
+    return localize.scales_from_maxima(
+        {name: np.concatenate([s.raw[name].reshape(len(s.raw[name]), -1).max(axis=1, initial=0.0)
+                               for s in scans]) for name in scans[0].raw}, q)
 
 
 def scaled_maps(scan: ScanMaps, scales: dict[str, float] | None) -> dict[str, np.ndarray]:
-    """Each layer's maps in [0, 1]: fixed ``scales`` (divide, clip) or, for None, the analysis's
-    per-slice min-max of the probability maps (logit maps times p (1 - p) in float32)."""
+    """Each layer's maps in [0, 1]: fixed ``scales`` (:func:`radlogics_repro.localize.scale_maps`)
+    or, for None, the analysis's per-slice min-max of the probability maps (logit maps times
+    p (1 - p) in float32)."""
     if scales is None:
         p = scan.probabilities.astype(np.float32)
         slope = (p * (np.float32(1) - p))[:, None, None]
         return {name: localize.normalize_maps(m * slope) for name, m in scan.raw.items()}
-    return {name: np.clip(m / np.float32(scales[name]), 0.0, 1.0) for name, m in scan.raw.items()}
+    return {name: localize.scale_maps(m, scales[name]) for name, m in scan.raw.items()}
 
 
 def slice_map_mm2(scan: ScanMaps, scales: dict[str, float] | None, size: int) -> np.ndarray:

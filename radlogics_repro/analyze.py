@@ -18,7 +18,10 @@ Steps of :func:`analyze_study` (METHOD.md sections 4-6):
    probability (forward passes only); a slice is positive when its probability reaches the
    classifier's stored operating threshold (``slice_threshold`` overrides); the Grad-CAM fine maps
    are computed for the positive slices only, from the activations the classification pass kept at
-   the lowest Grad-CAM layer (:func:`classify_and_map_slices`);
+   the lowest Grad-CAM layer (:func:`classify_and_map_slices`); each layer's map is min-max scaled
+   per slice (``map_scale="per_slice"``, METHOD.md) or, with ``map_scale="fixed"``, the logit's map
+   divided by one scale per layer stored with the classifier and clipped to [0, 1]
+   (:func:`fine_map_scales`);
 3. case decision: positive slices / lung slices >= ``case_threshold`` (stored with the classifier,
    tuned on validation cases; the config may override) -> "suspected COVID-19";
 4. fine maps of the positive slices are mapped back into the slices' own pixels (with
@@ -72,6 +75,7 @@ log = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "radlogics_repro.study_report"
 REPORT_SCHEMA_VERSION = 1
+CALIBRATE_COMMAND = "python -m radlogics_repro.calibrate_maps classifier_run=runs/classifier/<run>"
 TRAIN_COMMANDS = ("python -m radlogics_repro.train +experiment=lung_unet",
                   "python -m radlogics_repro.train +experiment=classifier")
 
@@ -169,6 +173,7 @@ class AnalysisSettings:
     lung_slice_step_mm: float | None = 2.5  # results/analyze_speed_options.md, lung_dice_slice_step.md
     gradcam_layers: tuple[str, ...] = localize.GRADCAM_LAYERS
     map_within_lung: bool = False
+    map_scale: str = "per_slice"  # or "fixed": logit Grad-CAM on the classifier card's gradcam_scales
 
 
 # =============================================================================================
@@ -234,7 +239,8 @@ def classify_and_map_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndar
     goes once through the classifier, which keeps the activation at the lowest Grad-CAM layer; the
     positives' maps then come from the network above that layer alone
     (:func:`radlogics_repro.localize.gradcam_maps_from_cut`). The ``tf-keras-vis`` engine runs its
-    own passes on the positives' crops.
+    own passes on the positives' crops. With ``map_scale="fixed"`` the maps are the logit's Grad-CAM
+    on the classifier's stored per-layer scales (:func:`fine_map_scales`).
 
     Returns:
         float32 ``(n,)`` probabilities, the n crop boxes (slice pixels), float32
@@ -245,6 +251,8 @@ def classify_and_map_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndar
     probabilities, boxes, maps = [np.zeros(0, np.float32)], [], [np.zeros((0, size, size), np.float32)]
     seconds = {"classification": 0.0, "gradcam": 0.0}
     fused = settings.engine == "fused"
+    scales = fine_map_scales(settings, models.classifier_card)
+    score = "probability" if scales is None else "logit"
     for start in range(0, len(z), settings.batch_size):
         clock = time.perf_counter()
         crops, chunk_boxes = classifier_crops(study, lung_labels, z[start:start + settings.batch_size],
@@ -261,7 +269,8 @@ def classify_and_map_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndar
         if positive.any():
             if fused:
                 result = localize.gradcam_maps_from_cut(models.classifier, cut, (size, size),
-                                                        settings.gradcam_layers, rows=positive)
+                                                        settings.gradcam_layers, rows=positive,
+                                                        score=score, scales=scales)
             else:
                 result = localize.gradcam_maps(models.classifier, crops[positive],
                                                layers=settings.gradcam_layers, engine=settings.engine,
@@ -269,6 +278,25 @@ def classify_and_map_slices(study: io.Study, lung_labels: np.ndarray, z: np.ndar
             maps.append(result.fine.astype(np.float32))
         seconds["gradcam"] += time.perf_counter() - now
     return np.concatenate(probabilities), boxes, np.concatenate(maps), seconds
+
+
+def fine_map_scales(settings: AnalysisSettings, classifier_card: dict) -> dict[str, float] | None:
+    """The fixed Grad-CAM map scales (layer -> raw logit Grad-CAM units) for
+    ``settings.map_scale == "fixed"``, from the classifier card's ``gradcam_scales`` (written by
+    training); None for ``"per_slice"`` (each positive slice's maps min-max scaled, METHOD.md)."""
+    if settings.map_scale == "per_slice":
+        return None
+    if settings.map_scale != "fixed":
+        raise AnalysisError(f"analysis.map_scale={settings.map_scale!r}: expected per_slice or fixed")
+    if settings.engine != "fused":
+        raise AnalysisError("analysis.map_scale=fixed needs analysis.engine=fused (the logit's Grad-CAM)")
+    stored = (classifier_card.get("gradcam_scales") or {}).get("layers") or {}
+    missing = [name for name in settings.gradcam_layers if name not in stored]
+    if missing:
+        raise AnalysisError(
+            f"the classifier's model.json has no fixed Grad-CAM map scale for {', '.join(missing)}: "
+            f"add them with `{CALIBRATE_COMMAND}`, or set analysis.map_scale=per_slice")
+    return {name: float(stored[name]) for name in settings.gradcam_layers}
 
 
 def corona_score_cm3(fine_map: np.ndarray, positive: np.ndarray, spacing_mm: Sequence[float]) -> float:
@@ -464,7 +492,8 @@ def report_document(report: StudyReport, study: io.Study, models: AnalysisModels
             "classifier_model": {"file": Path(models.classifier_path).name,
                                  "init": models.classifier_card.get("init"),
                                  "commit": models.classifier_card.get("commit"),
-                                 "data": models.classifier_card.get("data")},
+                                 "data": models.classifier_card.get("data"),
+                                 "gradcam_scales": models.classifier_card.get("gradcam_scales")},
             "precision": models.precision,
         },
     }
@@ -681,7 +710,8 @@ def settings_from_config(cfg) -> AnalysisSettings:
         precision=str(cfg.precision), skip_lung_free_slices=bool(cfg.skip_lung_free_slices),
         lung_slice_step_mm=None if cfg.lung_slice_step_mm is None else float(cfg.lung_slice_step_mm),
         gradcam_layers=tuple(str(v) for v in cfg.gradcam_layers),
-        map_within_lung=bool(cfg.get("map_within_lung", False)))
+        map_within_lung=bool(cfg.get("map_within_lung", False)),
+        map_scale=str(cfg.get("map_scale", "per_slice")))
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

@@ -220,6 +220,7 @@ _ANALYSIS_RULES: dict[str, Check] = {
     "analysis.skip_lung_free_slices": boolean(),
     "analysis.lung_slice_step_mm": number(0, optional=True),
     "analysis.map_within_lung": boolean(),
+    "analysis.map_scale": one_of("per_slice", "fixed"),
 }
 
 TRAIN_CONFIG_RULES: dict[str, Check] = {

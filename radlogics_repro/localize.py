@@ -77,6 +77,11 @@ FLAT_MAP_RELATIVE_RANGE = 1e-5
 """A raw map whose (max - min) is at most this fraction of its largest absolute value is treated as
 constant (float rounding, not structure) and normalizes to all zeros."""
 
+MAP_SCALE_QUANTILE = 0.9
+"""The quantile of the per-image maxima of the raw logit maps (the positives of a validation split)
+that sets a layer's fixed map scale (:func:`gradcam_scales`); chosen on validation scans by
+experiments/corona_map_scale.py."""
+
 _INPUT_RANGE_TOLERANCE = 1e-4
 
 
@@ -92,8 +97,9 @@ class GradcamResult:
         probabilities: float32 ``(N,)``, the classifier's p(abnormal) for each image.
         raw: layer name -> float32 ``(N, h, w)``, ReLU of the gradient-weighted channel sum
             (arbitrary units, >= 0).
-        normalized: layer name -> float32 ``(N, h, w)``, each image's raw map min-max scaled to
-            [0, 1] (a constant map gives zeros).
+        normalized: layer name -> float32 ``(N, h, w)``, each image's raw map in [0, 1]: min-max
+            scaled per image (a constant map gives zeros), or on the layer's fixed scale
+            (:func:`scale_maps`) when scales were given.
         fine: float32 ``(N, S, S)`` in [0, 1], the product of the normalized maps resized to S x S.
         layers: the layers used, in order.
         engine: the engine that computed the raw maps.
@@ -120,6 +126,7 @@ def gradcam_maps(
     engine: str = "fused",
     batch_size: int = 16,
     score: str = "probability",
+    scales: dict[str, float] | None = None,
 ) -> GradcamResult:
     """Grad-CAM maps of the slice classifier on a batch of crops (see the module docstring).
 
@@ -133,6 +140,8 @@ def gradcam_maps(
         engine: ``"fused"`` or ``"tf-keras-vis"``.
         batch_size: images per forward/backward pass (memory, not results).
         score: ``"probability"`` or ``"logit"`` (:data:`SCORES`; engine ``"fused"`` only).
+        scales: None (each image's map min-max normalized) or layer name -> one fixed scale for
+            every image (:func:`scale_maps`; from :func:`gradcam_scales`, with ``score="logit"``).
 
     Returns:
         :class:`GradcamResult`.
@@ -161,13 +170,18 @@ def gradcam_maps(
     raw_maps = {name: _concat(raw[name], n, model.get_layer(name).output.shape[1:3])
                 for name in layers}
     probs = np.concatenate(probabilities) if probabilities else np.zeros((0,), np.float32)
-    return _result(probs, raw_maps, layers, (height, width), engine, score)
+    return _result(probs, raw_maps, layers, (height, width), engine, score, scales)
 
 
 def _result(probabilities: np.ndarray, raw: dict[str, np.ndarray], layers: tuple[str, ...],
-            size: tuple[int, int], engine: str, score: str = "probability") -> GradcamResult:
-    """The shared tail of both ways to Grad-CAM: raw maps -> normalized -> fused fine map."""
-    normalized = {name: normalize_maps(m) for name, m in raw.items()}
+            size: tuple[int, int], engine: str, score: str = "probability",
+            scales: dict[str, float] | None = None) -> GradcamResult:
+    """The shared tail of both ways to Grad-CAM: raw maps -> normalized (per image, or on fixed
+    ``scales``) -> fused fine map."""
+    if scales is not None and set(layers) - set(scales):
+        raise GradcamError(f"no map scale for layer(s) {sorted(set(layers) - set(scales))}")
+    normalized = {name: normalize_maps(m) if scales is None else scale_maps(m, scales[name])
+                  for name, m in raw.items()}
     fine = fuse_maps([normalized[name] for name in layers], size)
     return GradcamResult(probabilities=probabilities.astype(np.float32), raw=raw,
                          normalized=normalized, fine=fine, layers=layers, engine=engine, score=score)
@@ -194,6 +208,56 @@ def normalize_maps(maps) -> np.ndarray:
     out = (m - lo) / np.where(flat, 1.0, span)
     out = np.where(flat, 0.0, np.clip(out, 0.0, 1.0))
     return out.astype(np.float32)
+
+
+def scale_maps(maps, scale: float) -> np.ndarray:
+    """Put a batch of raw maps on one fixed scale: ``clip(raw / scale, 0, 1)``.
+
+    Unlike :func:`normalize_maps`, every image shares the scale, so a weak finding keeps a weak map.
+
+    Args:
+        maps: ``(N, h, w)`` raw maps (>= 0).
+        scale: > 0, in the raw maps' units (e.g. one of :func:`gradcam_scales`).
+
+    Returns:
+        float32 ``(N, h, w)`` in [0, 1].
+    """
+    m = np.asarray(maps, dtype=np.float32)
+    if m.ndim != 3:
+        raise GradcamError(f"expected maps of shape (N, h, w), got {m.shape}")
+    if not np.isfinite(scale) or scale <= 0:
+        raise GradcamError(f"a map scale must be a finite number > 0, got {scale}")
+    return np.clip(m / np.float32(scale), 0.0, 1.0).astype(np.float32)
+
+
+def scales_from_maxima(maxima: dict[str, np.ndarray], quantile: float) -> dict[str, float]:
+    """Each layer's fixed map scale: the ``quantile`` of its raw maps' per-image maxima ``(N,)``
+    (at least the smallest positive float32, so that an all-zero set still divides)."""
+    if not 0.0 < quantile <= 1.0:
+        raise GradcamError(f"the scale quantile must be in (0, 1], got {quantile}")
+    tiny = float(np.finfo(np.float32).tiny)
+    return {name: max(float(np.quantile(m, quantile)) if len(m) else 0.0, tiny)
+            for name, m in maxima.items()}
+
+
+def gradcam_scales(model: keras.Model, images, quantile: float, *,
+                   layers: Sequence[str] = GRADCAM_LAYERS, batch_size: int = 16) -> dict[str, float]:
+    """Fixed map scales of a classifier: per layer, the ``quantile`` of the per-image maxima of the
+    raw *logit* Grad-CAM maps of ``images`` (the positives of a validation split).
+
+    Args:
+        model: the slice classifier.
+        images: ``(N, S, S, 3)`` float32 in [0, 1], N >= 1.
+        quantile: in (0, 1].
+
+    Returns:
+        layer name -> scale (raw logit Grad-CAM units), for :func:`scale_maps`.
+    """
+    if len(images) == 0:
+        raise GradcamError("map scales need at least one image")
+    result = gradcam_maps(model, images, layers=layers, batch_size=batch_size, score="logit")
+    return scales_from_maxima({name: m.reshape(len(m), -1).max(axis=1) for name, m in result.raw.items()},
+                              quantile)
 
 
 def fuse_maps(normalized_maps: Sequence[np.ndarray], size: tuple[int, int]) -> np.ndarray:
@@ -406,7 +470,8 @@ def classify_keeping_cut(model: keras.Model, images, layers: Sequence[str] = GRA
 
 def gradcam_maps_from_cut(model: keras.Model, cut_activations, size: tuple[int, int],
                           layers: Sequence[str] = GRADCAM_LAYERS, rows=None,
-                          score: str = "probability") -> GradcamResult:
+                          score: str = "probability",
+                          scales: dict[str, float] | None = None) -> GradcamResult:
     """Grad-CAM (engine ``"fused"``'s maps) of the images whose cut activations are given.
 
     Args:
@@ -416,6 +481,7 @@ def gradcam_maps_from_cut(model: keras.Model, cut_activations, size: tuple[int, 
         layers: the Grad-CAM layers, as in :func:`gradcam_maps`.
         rows: optional bool ``(N,)`` mask or indices: the images to map (e.g. the positives).
         score: ``"probability"`` or ``"logit"`` (:data:`SCORES`).
+        scales: as in :func:`gradcam_maps`.
 
     Returns:
         :class:`GradcamResult` (``engine`` ``"fused"``; probabilities recomputed from the cut).
@@ -433,7 +499,7 @@ def gradcam_maps_from_cut(model: keras.Model, cut_activations, size: tuple[int, 
         for name, m in zip(layers, maps, strict=True):
             parts[name].append(m.numpy())
     raw = {name: _concat(parts[name], n, model.get_layer(name).output.shape[1:3]) for name in layers}
-    return _result(probabilities, raw, layers, tuple(size), "fused", score)
+    return _result(probabilities, raw, layers, tuple(size), "fused", score, scales)
 
 
 def _split_functions(model: keras.Model, layers: tuple[str, ...], score: str = "probability"):

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, losses, models, provenance
+from radlogics_repro import RESEARCH_USE_NOTICE, atomic, augment, data, localize, losses, models, provenance
 from radlogics_repro.cli import TRAIN_CONFIG_RULES, UserError, check_config, exit_on_user_error
 from radlogics_repro.evaluate import metrics as M
 
@@ -415,6 +415,20 @@ def evaluate_classifier(model, slices: data.SliceSet, batch_size: int,
     return out, scores
 
 
+def gradcam_map_scales(model: keras.Model, slices: data.SliceSet, scores: np.ndarray, threshold: float,
+                       quantile: float, batch_size: int) -> dict | None:
+    """The classifier's fixed Grad-CAM map scales (``analysis.map_scale=fixed``): per Grad-CAM layer,
+    the ``quantile`` of the per-slice maxima of the logit's raw maps over the slices of ``slices``
+    (float16 ``(N, S, S)`` in [0, 1], a validation split) it calls positive (``scores >= threshold``).
+    None when it calls none positive."""
+    positive = np.flatnonzero(np.asarray(scores) >= threshold)
+    if not len(positive):
+        return None
+    images = np.repeat(slices.images[positive].astype(np.float32)[..., np.newaxis], 3, axis=-1)
+    layers = localize.gradcam_scales(model, images, quantile, batch_size=batch_size)
+    return {"quantile": quantile, "score": "logit", "slices": len(positive), "layers": layers}
+
+
 def case_ratios(slices: data.SliceSet, scores: np.ndarray, slice_threshold: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """Per case: the share of its (sampled) lung slices called positive, and the case label (any
@@ -557,7 +571,7 @@ def _train(cfg: DictConfig, environment: dict) -> dict:
         return _finish_run(run_dir, metrics_doc)
 
     # ---- input pipeline -----------------------------------------------------------------------
-    lung_segmenter = _lung_segmenter(data_cfg) if task == "classifier" else None
+    lung_segmenter = lung_segmenter_for(data_cfg) if task == "classifier" else None
     load = lambda split: load_task_slices(  # noqa: E731
         task, data_cfg, split, max_cases=trainer["max_cases_per_split"],
         cache=trainer["cache_slices"], lung_segmenter=lung_segmenter)
@@ -655,6 +669,9 @@ def _train(cfg: DictConfig, environment: dict) -> dict:
     # ---- outputs ------------------------------------------------------------------------------
     card = model_card(task, data_cfg, init, threshold, plain, environment["commit"])
     card["case_threshold"] = case_threshold
+    if task == "classifier":
+        card["gradcam_scales"] = gradcam_map_scales(model, val_slices, val_scores, threshold,
+                                                    localize.MAP_SCALE_QUANTILE, eval_batch)
     pretraining = _pretraining_of(plain["model"])
     card["pretraining"] = pretraining
     save_model_atomically(model, run_dir / "model.keras")
@@ -722,7 +739,7 @@ def _load_test(load):
         return None
 
 
-def _lung_segmenter(data_cfg: dict):
+def lung_segmenter_for(data_cfg: dict):
     """None for ground-truth lung masks, else a function study -> mask from a trained U-Net."""
     source = data_cfg.get("lung_masks", "ground_truth")
     if data_cfg["kind"] != "volumes" or source in (None, "ground_truth"):

@@ -256,6 +256,36 @@ def test_map_within_lung_zeroes_the_map_outside_the_lung_and_scores_what_remains
     assert 0 < within.summary["corona_score_cm3"] < whole.summary["corona_score_cm3"]
 
 
+def test_fixed_map_scale_takes_the_cards_scales_or_names_the_calibration(tiny_models, dicom_case):
+    import dataclasses
+
+    from radlogics_repro import io, localize
+
+    out, frame = dicom_case
+    models = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]))
+    study = io.load_study(out / frame["image"].iloc[0])
+    fixed = analyze.AnalysisSettings(map_scale="fixed")
+    with pytest.raises(analyze.AnalysisError, match="calibrate_maps classifier_run="):
+        analyze.analyze_study(study, models, fixed)
+    per_slice = analyze.analyze_study(study, models, analyze.AnalysisSettings())
+    positive = per_slice.slices["positive"].to_numpy(bool)
+    # one scale far above every raw map: weak maps everywhere, far below min-max's
+    card = {**models.classifier_card, "gradcam_scales": {"quantile": 0.9, "score": "logit", "slices": 1,
+            "layers": {name: 1e6 for name in localize.GRADCAM_LAYERS}}}
+    calibrated = dataclasses.replace(models, classifier_card=card)
+    weak = analyze.analyze_study(study, calibrated, fixed)
+    assert weak.fine_map.max() < 1e-3 < per_slice.fine_map.max()
+    assert 0 <= weak.summary["corona_score_cm3"] < 1e-3 * per_slice.summary["corona_score_cm3"]
+    np.testing.assert_array_equal(weak.slices["positive"], per_slice.slices["positive"])
+    # a tiny scale: every map saturates at 1, so the Corona Score is the positive crops' area
+    card["gradcam_scales"]["layers"] = {name: 1e-30 for name in localize.GRADCAM_LAYERS}
+    full = analyze.analyze_study(study, calibrated, fixed)
+    assert full.fine_map[positive].max() == 1.0
+    assert full.summary["corona_score_cm3"] > per_slice.summary["corona_score_cm3"]
+    with pytest.raises(analyze.AnalysisError, match="engine=fused"):
+        analyze.analyze_study(study, calibrated, dataclasses.replace(fixed, engine="tf-keras-vis"))
+
+
 @pytest.mark.parametrize("lung_box", [(slice(None), slice(None)), (slice(9, 30), slice(3, 27))])
 def test_slab_wise_infection_mask_equals_the_whole_volume_computation(lung_box):
     rng = np.random.default_rng(3)

@@ -174,7 +174,9 @@ def test_crop_label_loss_reports_by_lesion_area_and_never_overwrites(tiny_datase
     assert crop_label_loss.main(args) == 2                     # never overwrites a result
 
 
-def test_corona_map_scale_per_slice_variant_is_the_analysis_score(tiny_models, tiny_dataset, tmp_path):
+def test_corona_map_scale_variants_are_the_analysis_scores(tiny_models, tiny_dataset, tmp_path):
+    import dataclasses
+
     from radlogics_repro import analyze, io
 
     settings = analyze.AnalysisSettings(precision="float32")
@@ -196,6 +198,13 @@ def test_corona_map_scale_per_slice_variant_is_the_analysis_score(tiny_models, t
     fixed_top, *_ = corona_map_scale.variant_cases(scans, "top", top, 32)
     fixed_low, *_ = corona_map_scale.variant_cases(scans, "low", low, 32)
     assert (fixed_low["corona_score_cm3"] >= fixed_top["corona_score_cm3"]).all()
+    # a fixed variant is what analyze computes with analysis.map_scale=fixed and those scales
+    card = {**models.classifier_card, "gradcam_scales": {"layers": low}}
+    calibrated = dataclasses.replace(models, classifier_card=card)
+    fixed = dataclasses.replace(settings, map_scale="fixed")
+    for (_, row), score in zip(rows.iterrows(), fixed_low["corona_score_cm3"], strict=True):
+        report = analyze.analyze_study(io.load_study(row["image"]), calibrated, fixed)
+        assert score == pytest.approx(report.summary["corona_score_cm3"], rel=2e-3)
 
 
 def test_corona_map_scale_writes_its_table_and_never_overwrites(tiny_models, tiny_dataset, tmp_path):

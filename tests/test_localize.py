@@ -20,7 +20,10 @@ from radlogics_repro.localize import (
     fuse_maps,
     gradcam_maps,
     gradcam_maps_from_cut,
+    gradcam_scales,
     normalize_maps,
+    scale_maps,
+    scales_from_maxima,
 )
 from radlogics_repro.models import GRADCAM_LAYERS, build_slice_classifier
 from radlogics_repro.preprocess import Box, crop_and_resize
@@ -272,3 +275,30 @@ def test_unknown_score_or_engine_without_it_is_refused(classifier, images):
         gradcam_maps(classifier, images, score="margin")
     with pytest.raises(GradcamError, match="needs engine 'fused'"):
         gradcam_maps(classifier, images, engine="tf-keras-vis", score="logit")
+
+
+def test_fixed_scales_keep_weak_maps_weak(classifier, images):
+    logit = gradcam_maps(classifier, images, batch_size=2, score="logit")
+    maxima = {name: m.reshape(2, -1).max(axis=1) for name, m in logit.raw.items()}
+    scales = gradcam_scales(classifier, images, 1.0, batch_size=2)
+    for name in GRADCAM_LAYERS:
+        assert scales[name] == pytest.approx(maxima[name].max(), rel=1e-4)
+    fixed = gradcam_maps(classifier, images, batch_size=2, score="logit", scales=scales)
+    weaker = int(np.argmin(maxima[L14]))
+    for name in GRADCAM_LAYERS:
+        np.testing.assert_allclose(fixed.normalized[name], np.clip(logit.raw[name] / scales[name], 0, 1),
+                                   atol=1e-6)
+    # the image with the weaker raw map does not reach 1 on the fixed scale (min-max would)
+    assert fixed.normalized[L14][weaker].max() < 1.0 - 1e-3
+    assert logit.normalized[L14][weaker].max() == pytest.approx(1.0)
+    _, cut = classify_keeping_cut(classifier, images)
+    from_cut = gradcam_maps_from_cut(classifier, cut, (224, 224), score="logit", scales=scales)
+    np.testing.assert_allclose(from_cut.fine, fixed.fine, atol=1e-3)
+    half = scales_from_maxima(maxima, 0.5)
+    assert all(half[name] == pytest.approx(np.quantile(maxima[name], 0.5)) for name in half)
+    with pytest.raises(GradcamError, match="no map scale"):
+        gradcam_maps(classifier, images, score="logit", scales={L14: 1.0})
+    with pytest.raises(GradcamError, match="finite number > 0"):
+        scale_maps(logit.raw[L14], 0.0)
+    with pytest.raises(GradcamError, match="quantile"):
+        scales_from_maxima(maxima, 0.0)

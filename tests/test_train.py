@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_module
 
-from radlogics_repro import train
+from radlogics_repro import calibrate_maps, localize, train
 
 
 def compose_train(overrides):
@@ -51,7 +51,8 @@ def test_classifier_smoke_run_writes_every_output(tiny_dataset, pretrained_backb
     weights = pretrained_backbone / "backbone.weights.h5"
     pretraining = json.loads((pretrained_backbone / "backbone.pretraining.json").read_text())
     overrides = [o for o in smoke_overrides("classifier", tiny_dataset, run_dir, extra=[
-        "trainer.precision=mixed_bfloat16", "trainer.batchnorm_momentum=0.9"])
+        "trainer.precision=mixed_bfloat16", "trainer.batchnorm_momentum=0.9",
+        "trainer.max_cases_per_split=3"])  # the third validation scan has lesions
         if o != "model.weights=null"]
     result = train.train(compose_train([*overrides, f"model.weights={weights}"]))
     init = result["init"]
@@ -74,6 +75,22 @@ def test_classifier_smoke_run_writes_every_output(tiny_dataset, pretrained_backb
     assert card["operating_threshold"] == metrics["operating_threshold"]
     assert card["input_mode"] == "lung_crop" and card["init"] == init
     assert card["pretraining"] == pretraining
+    # fixed Grad-CAM map scales from the validation slices called positive (analysis.map_scale=fixed)
+    scales = card["gradcam_scales"]
+    assert scales["quantile"] == localize.MAP_SCALE_QUANTILE and scales["score"] == "logit"
+    assert scales["slices"] >= 1 and set(scales["layers"]) == set(localize.GRADCAM_LAYERS)
+    assert all(value > 0 for value in scales["layers"].values())
+    # a run without them gets the same from calibrate_maps, which never replaces them unasked
+    with pytest.raises(calibrate_maps.CalibrationError, match="already has gradcam_scales"):
+        calibrate_maps.calibrate_run(run_dir)
+    again = calibrate_maps.calibrate_run(run_dir, overwrite=True)
+    assert again["slices"] == scales["slices"]
+    for name, value in scales["layers"].items():
+        assert again["layers"][name] == pytest.approx(value, rel=2e-2)
+    assert json.loads((run_dir / "model.json").read_text())["gradcam_scales"] == again
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate_maps.main([f"classifier_run={tmp_path / 'missing'}"])
+    assert exit_info.value.code == 2
 
 
 def test_finished_run_is_not_overwritten(tiny_dataset, tmp_path):
