@@ -100,7 +100,7 @@ def scan_maps(row: pd.Series, models: analyze.AnalysisModels, settings: analyze.
         boxes += [box for box, pos in zip(chunk_boxes, positive, strict=True) if pos]
         kept.append(chunk[positive])
     kept = np.concatenate(kept) if kept else np.zeros(0, int)
-    lesion_mm2 = lesion[kept].reshape(len(kept), -1).sum(axis=1) * study.pixel_area_mm2
+    lesion_mm2 = np.count_nonzero(lesion[kept], axis=(1, 2)) * study.pixel_area_mm2
     return ScanMaps(
         case_id=str(row["case_id"]), patient_id=str(row["patient_id"]),
         reference_cm3=float(lesion.sum()) * study.voxel_volume_mm3 / 1000.0,
@@ -113,8 +113,8 @@ def scan_maps(row: pd.Series, models: analyze.AnalysisModels, settings: analyze.
 def layer_scales(scans: list[ScanMaps], q: float) -> dict[str, float]:
     """Each layer's ``q`` quantile of the per-slice maxima of its raw logit maps (positive slices)."""
     return localize.scales_from_maxima(
-        {name: np.concatenate([s.raw[name].reshape(len(s.raw[name]), -1).max(axis=1, initial=0.0)
-                               for s in scans]) for name in scans[0].raw}, q)
+        {name: np.concatenate([s.raw[name].max(axis=(1, 2), initial=0.0) for s in scans])
+         for name in scans[0].raw}, q)
 
 
 def scaled_maps(scan: ScanMaps, scales: dict[str, float] | None) -> dict[str, np.ndarray]:

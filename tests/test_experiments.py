@@ -190,6 +190,13 @@ def test_corona_map_scale_variants_are_the_analysis_scores(tiny_models, tiny_dat
         report = analyze.analyze_study(io.load_study(row["image"]), models, settings)
         assert score == pytest.approx(report.summary["corona_score_cm3"], rel=2e-3)
     assert len(area) == len(lesion) == sum(len(s.boxes) for s in scans)
+    # a scan without a positive slice scores 0 and adds no maximum to the scales
+    first = next(rows.iterrows())[1]
+    none = corona_map_scale.scan_maps(first, models, dataclasses.replace(settings, slice_threshold=1.0))
+    assert len(none.boxes) == 0 and len(none.lesion_mm2) == 0
+    empty, *_ = corona_map_scale.variant_cases([none], corona_map_scale.PER_SLICE, None, 32)
+    assert empty["corona_score_cm3"].tolist() == [0.0]
+    assert corona_map_scale.layer_scales([none, *scans], 0.5) == corona_map_scale.layer_scales(scans, 0.5)
     # fixed scales: the maxima's top quantile leaves every map in [0, 1]; a lower one clips more
     top, low = corona_map_scale.layer_scales(scans, 1.0), corona_map_scale.layer_scales(scans, 0.25)
     for name in top:
