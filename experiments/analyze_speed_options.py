@@ -99,7 +99,8 @@ def classifier_rows(study, lung_labels, loaded, repeats: int) -> list[dict]:
     (maps from the activations the classification pass kept at the lowest Grad-CAM layer) against a
     second full pass on the positives' crops (before)."""
     z = analyze.lung_slice_indices(study, lung_labels, loaded.classifier_card)
-    settings = analyze.AnalysisSettings(batch_size=BATCH)
+    # per-slice maps, as when the second pass was analyze's way (results/analyze_gradcam_from_cut.md)
+    settings = analyze.AnalysisSettings(batch_size=BATCH, map_scale="per_slice")
     threshold = loaded.classifier_card.get("operating_threshold") or 0.5
     stages, fines = {"from the cut": [], "second pass": []}, {}
 

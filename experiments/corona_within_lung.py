@@ -10,7 +10,9 @@ the maps set to 0 outside the segmented lung: agreement with the reference lesio
 The classifier's input is the lung's bounding box with a margin, so its Grad-CAM maps also cover the
 chest wall, the mediastinum and the margin around the lungs; summed over a positive slice they count
 tissue that cannot be infected lung. Every study goes once through
-:func:`radlogics_repro.analyze.analyze_study` with ``map_within_lung=False`` (the whole-crop score);
+:func:`radlogics_repro.analyze.analyze_study` with ``map_within_lung=False`` (the whole-crop score)
+and ``map_scale="per_slice"`` (the maps its results file was made with; fixed scales are compared in
+experiments/corona_map_scale.py);
 the within-lung score is the same sum over the pixels of the segmented lung only, which is what
 ``map_within_lung=True`` computes (tests/test_analyze.py). Per dataset: Pearson r, Spearman rho and
 the Bland-Altman bias against the reference lesion volume (cm^3). Choose on a validation split; the
@@ -43,8 +45,8 @@ def case_scores(row: pd.Series, models: analyze.AnalysisModels) -> dict:
     """Both Corona Scores (cm^3) of one manifest row and its reference lesion volume (cm^3)."""
     study = io.load_study(row["image"])
     lesion = io.load_mask(row["lesion_mask"], study) > 0
-    report = analyze.analyze_study(study, models, analyze.AnalysisSettings(map_within_lung=False),
-                                   case_id=str(row["case_id"]))
+    settings = analyze.AnalysisSettings(map_within_lung=False, map_scale="per_slice")
+    report = analyze.analyze_study(study, models, settings, case_id=str(row["case_id"]))
     positive = report.slices["positive"].to_numpy(bool)
     lung = report.lung_labels[positive] > 0
     within = report.fine_map[positive].astype(np.float64)[lung].sum()

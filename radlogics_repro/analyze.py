@@ -173,7 +173,7 @@ class AnalysisSettings:
     lung_slice_step_mm: float | None = 2.5  # results/analyze_speed_options.md, lung_dice_slice_step.md
     gradcam_layers: tuple[str, ...] = localize.GRADCAM_LAYERS
     map_within_lung: bool = False
-    map_scale: str = "per_slice"  # or "fixed": logit Grad-CAM on the classifier card's gradcam_scales
+    map_scale: str = "fixed"  # logit Grad-CAM on the classifier card's gradcam_scales, or "per_slice"
 
 
 # =============================================================================================
@@ -711,7 +711,7 @@ def settings_from_config(cfg) -> AnalysisSettings:
         lung_slice_step_mm=None if cfg.lung_slice_step_mm is None else float(cfg.lung_slice_step_mm),
         gradcam_layers=tuple(str(v) for v in cfg.gradcam_layers),
         map_within_lung=bool(cfg.get("map_within_lung", False)),
-        map_scale=str(cfg.get("map_scale", "per_slice")))
+        map_scale=str(cfg.get("map_scale", "fixed")))
 
 
 def parse_shard(shard: str) -> tuple[int, int]:

@@ -1,7 +1,7 @@
 """Store fixed Grad-CAM map scales in a finished classifier run's model.json.
 
     python -m radlogics_repro.calibrate_maps classifier_run=runs/classifier/<run> \
-        [quantile=0.9] [overwrite=true]
+        [quantile=0.75] [overwrite=true]
 
 ``analysis.map_scale=fixed`` puts every positive slice's Grad-CAM maps on one scale per layer
 instead of each slice's own min-max, so that a weak finding keeps a weak map and the Corona Score

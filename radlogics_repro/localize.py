@@ -77,10 +77,10 @@ FLAT_MAP_RELATIVE_RANGE = 1e-5
 """A raw map whose (max - min) is at most this fraction of its largest absolute value is treated as
 constant (float rounding, not structure) and normalizes to all zeros."""
 
-MAP_SCALE_QUANTILE = 0.9
+MAP_SCALE_QUANTILE = 0.75
 """The quantile of the per-image maxima of the raw logit maps (the positives of a validation split)
-that sets a layer's fixed map scale (:func:`gradcam_scales`); chosen on validation scans by
-experiments/corona_map_scale.py."""
+that sets a layer's fixed map scale (:func:`gradcam_scales`); chosen on the classifier preset's
+validation scans by experiments/corona_map_scale.py (results/corona_map_scale.md)."""
 
 _INPUT_RANGE_TOLERANCE = 1e-4
 

@@ -36,6 +36,7 @@ def tiny_models(tmp_path_factory):
     import keras
 
     from radlogics_repro import models
+    from radlogics_repro.bench.study import untrained_map_scales
 
     folder = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(2)  # untrained, but the same networks in every session
@@ -51,6 +52,8 @@ def tiny_models(tmp_path_factory):
         card = {"task": name, "input_size": 32, "init": "random", "input_mode": "lung_crop",
                 "crop_margin_mm": 10.0, "min_lung_area_mm2": 100.0,
                 "operating_threshold": 0.0, "case_threshold": 0.5}  # every lung slice positive
+        if name == "classifier":
+            card["gradcam_scales"] = untrained_map_scales(model)  # analysis.map_scale=fixed
         (path.parent / "model.json").write_text(json.dumps(card))
         paths[name] = path
     return paths

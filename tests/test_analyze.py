@@ -265,9 +265,12 @@ def test_fixed_map_scale_takes_the_cards_scales_or_names_the_calibration(tiny_mo
     models = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]))
     study = io.load_study(out / frame["image"].iloc[0])
     fixed = analyze.AnalysisSettings(map_scale="fixed")
+    assert analyze.AnalysisSettings().map_scale == "fixed"  # the default
+    bare = dataclasses.replace(models, classifier_card={
+        key: value for key, value in models.classifier_card.items() if key != "gradcam_scales"})
     with pytest.raises(analyze.AnalysisError, match="calibrate_maps classifier_run="):
-        analyze.analyze_study(study, models, fixed)
-    per_slice = analyze.analyze_study(study, models, analyze.AnalysisSettings())
+        analyze.analyze_study(study, bare, fixed)
+    per_slice = analyze.analyze_study(study, models, analyze.AnalysisSettings(map_scale="per_slice"))
     positive = per_slice.slices["positive"].to_numpy(bool)
     # one scale far above every raw map: weak maps everywhere, far below min-max's
     card = {**models.classifier_card, "gradcam_scales": {"quantile": 0.9, "score": "logit", "slices": 1,

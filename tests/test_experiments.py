@@ -179,7 +179,7 @@ def test_corona_map_scale_variants_are_the_analysis_scores(tiny_models, tiny_dat
 
     from radlogics_repro import analyze, io
 
-    settings = analyze.AnalysisSettings(precision="float32")
+    settings = analyze.AnalysisSettings(precision="float32", map_scale="per_slice")
     models = analyze.load_analysis_models(str(tiny_models["lung"]), str(tiny_models["classifier"]),
                                           precision="float32")
     rows, *_ = lung_dice.dataset_rows(f"{tiny_dataset}:train", 2)

@@ -76,6 +76,21 @@ def latest_trained_models(runs_dir: str | os.PathLike) -> tuple[Path, Path] | No
         return None
 
 
+def untrained_map_scales(classifier, n_images: int = 8, seed: int = 0) -> dict:
+    """A model card's ``gradcam_scales`` for a classifier with random weights (``analysis.map_scale=
+    fixed`` needs one): :func:`radlogics_repro.localize.gradcam_scales` of ``n_images`` uniform
+    random crops, each treated as positive."""
+    import numpy as np
+
+    from radlogics_repro import localize
+
+    size = int(classifier.input_shape[1])
+    images = np.random.default_rng(seed).random((n_images, size, size, 3), dtype=np.float32)
+    layers = localize.gradcam_scales(classifier, images, localize.MAP_SCALE_QUANTILE)
+    return {"quantile": localize.MAP_SCALE_QUANTILE, "score": "logit", "slices": n_images,
+            "layers": layers}
+
+
 def save_random_models(folder: Path, *, size: int, unet_decoder: tuple[int, ...],
                        classifier_dense: tuple[int, ...], policies: dict[str, str]) -> tuple[Path, Path]:
     """Build both networks with random weights under each task's dtype policy and save them with
@@ -100,6 +115,8 @@ def save_random_models(folder: Path, *, size: int, unet_decoder: tuple[int, ...]
         card = {"task": task, "input_size": size, "init": "random", "input_mode": "lung_crop",
                 "crop_margin_mm": 10.0, "min_lung_area_mm2": 400.0, "operating_threshold": 0.5,
                 "case_threshold": 0.1}
+        if task == "classifier":
+            card["gradcam_scales"] = untrained_map_scales(model)
         (path.parent / "model.json").write_text(json.dumps(card, indent=1))
         paths.append(path)
     return paths[0], paths[1]
