@@ -30,10 +30,17 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lung_dice import dataset_rows, named_path, produced_by, refuse_existing, script_start  # noqa: E402
+from lung_dice import (  # noqa: E402
+    dataset_rows,
+    named_path,
+    produced_by,
+    refuse_existing,
+    script_start,
+    write_result,
+)
 from paper_tables import model_file, model_runs  # noqa: E402
 
-from radlogics_repro import RESEARCH_USE_NOTICE, analyze, atomic, io  # noqa: E402
+from radlogics_repro import RESEARCH_USE_NOTICE, analyze, io  # noqa: E402
 from radlogics_repro.evaluate import metrics as M  # noqa: E402
 from radlogics_repro.evaluate.plots import frame_markdown  # noqa: E402
 
@@ -102,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "maps); only the pixels summed differ. Reference: the phantom's lesion mask volume.",
         frame_markdown(pd.DataFrame(table)),
     ]) + "\n"
-    atomic.write_text(args.out.with_suffix(".csv"),
-                      pd.concat(per_case).to_csv(index=False, float_format="%.6g"))
-    atomic.write_text(args.out, text)
-    print(text)
+    write_result(args.out, text, per_case)
     return 0
 
 

@@ -88,6 +88,14 @@ def produced_by(script: str, argv: list[str] | None, started: Start) -> str:
             f"{(time.time() - started.time) / 60:.1f} min.")
 
 
+def write_result(out: Path, text: str, per_case: list[pd.DataFrame]) -> None:
+    """A results file ``out`` and its per-case rows as a CSV beside it (same stem), each written
+    atomically; prints the text."""
+    atomic.write_text(out.with_suffix(".csv"), pd.concat(per_case).to_csv(index=False, float_format="%.6g"))
+    atomic.write_text(out, text)
+    print(text)
+
+
 def load_at_precision(path: str, policy: str):
     """A saved model, rebuilt at the Keras dtype ``policy`` unless that is ``model``."""
     model = models.load_model(path)
